@@ -1,0 +1,322 @@
+"""CIFAR-10 images: finding them, decoding them once, and feeding them from the training device.
+
+Three layouts are read: torchvision's `cifar-10-batches-py` (downloaded where there is
+internet), an image folder `train/<class>/*`, `test/<class>/*`, and a `.tar.gz` of such a
+folder. Whatever the layout, the images are decoded once into uint8 arrays and cached, so
+later runs load in seconds. A small synthetic CIFAR-shaped set with learnable labels serves
+smoke tests and CI, where no download is possible.
+
+During training the whole set lives on the device as uint8; batches are drawn by index and
+normalised, padded, cropped and flipped as batched tensor ops — no per-image Python work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataSpec
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+TORCHVISION_FOLDER = "cifar-10-batches-py"
+SPLITS = ("train", "test")
+
+
+class DataError(Exception):
+    """A dataset that is missing or not in a layout depthlab reads."""
+
+
+@dataclass
+class Images:
+    """A labelled image set as uint8 NCHW tensors (on the CPU until `to` moves it)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "Images":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Images(move(self.train_x), move(self.train_y), move(self.test_x), move(self.test_y),
+                      self.classes, move(self.val_x), move(self.val_y))
+
+
+def default_cache_dir() -> Path:
+    """Where downloads and decoded arrays live: $DEPTHLAB_CACHE or ~/.cache/depthlab."""
+    return Path(os.environ.get("DEPTHLAB_CACHE", Path.home() / ".cache" / "depthlab"))
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def synthetic_images(train_size: int = 1000, test_size: int = 500, seed: int = 0) -> Images:
+    """CIFAR-shaped images whose class is a coarse colour pattern under noise and a random shift.
+
+    Small nets learn it in an epoch or two, so a smoke sweep shows real learning curves.
+    """
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=32, mode="bilinear", align_corners=False)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % 10
+        y = y[torch.randperm(n, generator=g)]
+        shifts = torch.randint(-3, 4, (n, 2), generator=g)
+        x = torch.stack([templates[c].roll(tuple(s.tolist()), dims=(1, 2)) for c, s in zip(y, shifts)])
+        x = x + 0.25 * torch.randn(x.shape, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    train_x, train_y = draw(train_size)
+    test_x, test_y = draw(test_size)
+    return Images(train_x, train_y, test_x, test_y, tuple(f"pattern{i}" for i in range(10)))
+
+
+# ----------------------------------------------------------------------------- layouts on disk
+
+
+def _read_pickle_batches(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The python-pickle release of CIFAR-10 (what torchvision downloads)."""
+
+    def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for name in names:
+            file = folder / name
+            if not file.is_file():
+                raise DataError(f"{folder}: missing {name} (expected data_batch_1..5 and test_batch of the CIFAR-10 python release)")
+            with open(file, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    train = read([f"data_batch_{i}" for i in range(1, 6)])
+    test = read(["test_batch"])
+    return (*train, *test)
+
+
+def _class_order(names: set[str]) -> tuple[str, ...]:
+    """CIFAR-10's label order when the folders are its classes, else alphabetical."""
+    return CIFAR10_CLASSES if names == set(CIFAR10_CLASSES) else tuple(sorted(names))
+
+
+def _decode(blob: bytes, where: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # PIL raises many kinds of errors for a bad file
+        raise DataError(f"{where}: cannot decode image ({err})") from None
+    if array.shape != (32, 32, 3):
+        raise DataError(f"{where}: expected a 32×32 image, got {array.shape[1]}×{array.shape[0]}")
+    return array.transpose(2, 0, 1)
+
+
+def _stack(files: dict[str, dict[str, list[tuple[str, bytes]]]], origin: str) -> tuple[np.ndarray, ...]:
+    """Decode {split: {class: [(name, bytes)]}} into arrays, in a fixed order."""
+    missing = [s for s in SPLITS if not files.get(s)]
+    if missing:
+        raise DataError(f"{origin}: no images under {', '.join(f'{s}/<class>/' for s in missing)} (expected train/<class>/*.jpg|png and test/<class>/*.jpg|png)")
+    classes = _class_order(set(files["train"]))
+    if set(files["test"]) - set(classes):
+        raise DataError(f"{origin}: test classes {sorted(set(files['test']) - set(classes))} do not appear under train/")
+    out = []
+    for split in SPLITS:
+        xs, ys = [], []
+        for label, name in enumerate(classes):
+            for file, blob in sorted(files[split].get(name, [])):
+                xs.append(_decode(blob, f"{origin}:{split}/{name}/{file}"))
+                ys.append(label)
+        out += [np.stack(xs), np.asarray(ys, dtype=np.int64)]
+    return (*out, classes)
+
+
+def _read_image_folder(root: Path) -> tuple[np.ndarray, ...]:
+    files: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
+    for split in SPLITS:
+        for class_dir in sorted(p for p in (root / split).glob("*") if p.is_dir()):
+            images = [p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+            files.setdefault(split, {})[class_dir.name] = [(p.name, p.read_bytes()) for p in images]
+    return _stack(files, str(root))
+
+
+_MEMBER = re.compile(r"(?:^|.*/)(train|test)/([^/]+)/([^/]+)$")
+
+
+def _read_tarball(path: Path) -> tuple[np.ndarray, ...]:
+    files: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name)
+                if member.isfile() and match and Path(match[3]).suffix.lower() in IMAGE_SUFFIXES:
+                    split, name, file = match.groups()
+                    blob = tar.extractfile(member).read()
+                    files.setdefault(split, {}).setdefault(name, []).append((file, blob))
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable tar archive ({err})") from None
+    return _stack(files, str(path))
+
+
+def detect_layout(path: Path) -> tuple[str, Path]:
+    """Which layout `path` holds: 'pickle', 'folder' or 'tarball', and where exactly."""
+    if path.is_file() and (path.name.endswith((".tar.gz", ".tgz", ".tar"))):
+        return "tarball", path
+    if path.is_dir():
+        for candidate in (path, path / TORCHVISION_FOLDER):
+            if (candidate / "data_batch_1").is_file():
+                return "pickle", candidate
+        if (path / "train").is_dir() and (path / "test").is_dir():
+            return "folder", path
+    raise DataError(
+        f"{path}: no dataset found. Expected one of: CIFAR-10's python release ({TORCHVISION_FOLDER}/ with "
+        "data_batch_1..5 and test_batch), an image folder with train/<class>/ and test/<class>/, or a .tar.gz of that folder"
+    )
+
+
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if path.is_dir():  # folders change inside: look at their direct entries too
+        text += "|" + "|".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(path.iterdir()))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def read_dataset(path: Path, cache_dir: Path) -> Images:
+    """Decode the dataset at `path` (any layout) once; later calls load the cached arrays."""
+    layout, where = detect_layout(path)
+    cache = cache_dir / "decoded" / f"{where.name}-{_cache_key(where)}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            arrays = [z[k] for k in ("train_x", "train_y", "test_x", "test_y")]
+            classes = tuple(str(c) for c in z["classes"])
+    else:
+        if layout == "pickle":
+            arrays, classes = list(_read_pickle_batches(where)), CIFAR10_CLASSES
+        else:
+            *arrays, classes = _read_tarball(where) if layout == "tarball" else _read_image_folder(where)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3], classes=np.array(classes))
+        os.replace(tmp, cache)
+    return Images(*(torch.from_numpy(a) for a in arrays), classes=classes)
+
+
+def download_cifar10(root: Path) -> Path:
+    """Fetch CIFAR-10 with torchvision into `root`; a clear error where there is no internet."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as err:  # urllib raises several kinds of errors when offline
+        raise DataError(
+            f"could not download CIFAR-10 into {root} ({type(err).__name__}: {err}). Without internet, point depthlab "
+            "at a copy with --data PATH (the python release, an image folder train/<class>/ test/<class>/, or a .tar.gz of one)"
+        ) from None
+    return root / TORCHVISION_FOLDER
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if size is None or size >= len(y):
+        return x, y
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:size]
+    return x[keep], y[keep]
+
+
+def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
+    """The images a sweep trains and evaluates on, with its subsets and validation split applied."""
+    cache_dir = cache_dir or default_cache_dir()
+    if spec.source == "synthetic":
+        images = synthetic_images(spec.train_size or 1000, spec.test_size or 500)
+    else:
+        path = Path(spec.path).expanduser() if spec.path else cache_dir / "cifar10"
+        if spec.path is None and spec.source == "cifar10" and not (path / TORCHVISION_FOLDER / "data_batch_1").is_file():
+            if not spec.download:
+                raise DataError(f"no CIFAR-10 in {path} and data.download is false: give --data PATH")
+            download_cifar10(path)
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        images = read_dataset(path, cache_dir)
+        if spec.source == "cifar10" and len(images.classes) != 10:
+            raise DataError(f"{path}: CIFAR-10 has 10 classes, found {len(images.classes)}: {', '.join(images.classes)}")
+        images.train_x, images.train_y = _subset(images.train_x, images.train_y, spec.train_size, seed=1)
+        images.test_x, images.test_y = _subset(images.test_x, images.test_y, spec.test_size, seed=2)
+    if spec.val_split:
+        if spec.val_split >= len(images.train_y):
+            raise DataError(f"data.val_split={spec.val_split} leaves no training images (there are {len(images.train_y)})")
+        order = torch.randperm(len(images.train_y), generator=torch.Generator().manual_seed(3))
+        val, train = order[: spec.val_split], order[spec.val_split :]
+        images.val_x, images.val_y = images.train_x[val], images.train_y[val]
+        images.train_x, images.train_y = images.train_x[train], images.train_y[train]
+    return images
+
+
+# ----------------------------------------------------------------------------- on the device
+
+
+class Normalizer:
+    """uint8 images → float inputs: the paper subtracts the per-pixel mean of the training set.
+
+    `pixel_mean`: x/255 minus the mean training image; `channel`: per-channel mean and std.
+    """
+
+    def __init__(self, train_x: torch.Tensor, mode: str):
+        pixels = train_x.float().div_(255)
+        if mode == "pixel_mean":
+            self.mean = pixels.mean(0, keepdim=True)
+            self.scale = torch.ones(1, 3, 1, 1, device=train_x.device)
+        else:
+            self.mean = pixels.mean((0, 2, 3), keepdim=True)
+            self.scale = 1 / pixels.std((0, 2, 3), keepdim=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float().div_(255) - self.mean).mul_(self.scale)
+
+
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by `pad` and cut a random window of the original size, per image, in one gather."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # NHWC: one gather moves whole pixels
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1), device=x.device, generator=generator)
+    rows = (dy + torch.arange(h, device=x.device))[:, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The paper's augmentation: 4-pixel zero padding, random 32×32 crop, horizontal flip."""
+    return random_flip(random_crop(x, 4, generator), generator)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Shuffled index batches of one epoch; the last partial batch is dropped (static shapes)."""
+    order = torch.randperm(n, device=device, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def eval_batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Contiguous slices covering all `n` images (evaluation sees every image once)."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
