@@ -69,7 +69,9 @@ class TrainSpec:
         """The milestones, with the paper's proportions filled in when none are given."""
         length = self.iterations if self.iterations is not None else self.epochs
         assert length is not None
-        return list(self.milestones) if self.milestones is not None else [length // 2, length * 3 // 4]
+        if self.milestones is not None:
+            return list(self.milestones)
+        return sorted({p for p in (length // 2, length * 3 // 4) if 0 < p < length})
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Cell:
     shortcut: str
     train: TrainSpec
     data: DataSpec
-    tags: tuple[tuple[str, Any], ...] = ()  # options set by the grid beyond arch/depth/seed/shortcut
+    tags: tuple[tuple[str, Any], ...] = ()  # the options that tell this cell from others of the same net and seed
 
     @property
     def id(self) -> str:
@@ -118,8 +120,9 @@ class Cell:
         }
 
     def fingerprint(self) -> str:
-        """A hash of `to_dict()`: equal fingerprints mean a finished result is still valid."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        """A hash of what defines the result (not its name): equal fingerprints mean a finished result is still valid."""
+        science = {k: v for k, v in self.to_dict().items() if k not in ("id", "tags")}
+        text = json.dumps(science, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -137,6 +140,9 @@ CELL_KEYS = ("arch", "depth", "seed", "shortcut")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainSpec))
 TOP_KEYS = ("name", "description", "data", "model", "train", "runtime", "grid", "cells")
 MODEL_KEYS = ("shortcut",)
+SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size", "steps": "iterations",
+            "iters": "iterations", "max_iters": "iterations", "archs": "arch", "depths": "depth", "seeds": "seed",
+            "dataset": "data", "option": "shortcut", "dtype": "precision"}
 
 
 def _slug(value: Any) -> str:
@@ -204,7 +210,7 @@ def _check(value: Any, hint: Any, source: str, key: str) -> Any:
 def _reject_unknown(section: dict[str, Any], allowed: tuple[str, ...], source: str, prefix: str) -> None:
     for key in section:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
+            close = [SYNONYMS[key]] if SYNONYMS.get(key) in allowed else difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
             hint = f" — did you mean {close[0]!r}?" if close else ""
             raise ConfigError(source, f"{prefix}{key}", f"unknown key{hint} (allowed: {', '.join(allowed)})")
 
@@ -311,15 +317,26 @@ def _make_cell(options: dict[str, Any], base: dict[str, Any], default_shortcut: 
     _validate_train(spec, source, where)
     arch = options["arch"]
     shortcut = options.get("shortcut", default_shortcut) if arch == "residual" else "A"
-    return Cell(
-        arch=arch,
-        depth=options["depth"],
-        seed=options.get("seed", 0),
-        shortcut=shortcut,
-        train=spec,
-        data=data,
-        tags=tuple((k, v) for k, v in overrides.items()),
-    )
+    return Cell(arch=arch, depth=options["depth"], seed=options.get("seed", 0), shortcut=shortcut, train=spec, data=data)
+
+
+def _name_variants(cells: list[Cell]) -> list[Cell]:
+    """Drop duplicates; where one net and seed has several recipes, name them by what differs.
+
+    A lone recipe keeps the short id (`residual-110-s0`): names stay readable, and a changed
+    recipe under the same name is caught by its fingerprint rather than silently renamed.
+    """
+    unique = list({c.fingerprint(): c for c in cells}.values())
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in unique:
+        groups.setdefault((cell.arch, cell.depth, cell.shortcut, cell.seed), []).append(cell)
+    named = []
+    for cell in unique:
+        siblings = groups[(cell.arch, cell.depth, cell.shortcut, cell.seed)]
+        recipes = [dataclasses.asdict(c.train) for c in siblings]
+        differing = [k for k in TRAIN_KEYS if len({json.dumps(r[k]) for r in recipes}) > 1]
+        named.append(dataclasses.replace(cell, tags=tuple((k, getattr(cell.train, k)) for k in differing)))
+    return named
 
 
 def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
@@ -356,11 +373,8 @@ def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
     if not combos:
         raise ConfigError(source, "grid", "no cells: give a grid (arch, depth, seed, …) or a list of cells")
 
-    cells: dict[str, Cell] = {}
-    for options, where in combos:
-        cell = _make_cell(options, base, default_shortcut, data, source, where)
-        cells.setdefault(cell.id, cell)  # plain nets ignore the shortcut: such cells coincide
-    return SweepConfig(name=name, data=data, runtime=runtime, cells=list(cells.values()), source=source, raw=raw)
+    cells = _name_variants([_make_cell(options, base, default_shortcut, data, source, where) for options, where in combos])
+    return SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source, raw=raw)
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -376,3 +390,21 @@ def load_config(path: str | Path) -> SweepConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(source, "", f"not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
     return parse_config(raw, source)
+
+
+def with_overrides(config: SweepConfig, data_path: str | None = None, device: str | None = None,
+                   jobs: int | None = None) -> SweepConfig:
+    """The config with command-line choices applied; none of them changes what a cell means."""
+    data, runtime, raw = config.data, config.runtime, dict(config.raw)
+    if data_path is not None:
+        if data.source == "synthetic":
+            raise ConfigError(config.source, "data.source", "is 'synthetic': --data does not apply (set data.source to cifar10 or folder)")
+        data = dataclasses.replace(data, path=data_path)
+        raw["data"] = {**(raw.get("data") or {}), "path": data_path}
+    if device is not None:
+        runtime = dataclasses.replace(runtime, device=device)
+    if jobs is not None:
+        runtime = dataclasses.replace(runtime, jobs=jobs)
+    _validate_runtime(runtime, "--device")
+    cells = [dataclasses.replace(cell, data=data) for cell in config.cells]
+    return dataclasses.replace(config, data=data, runtime=runtime, cells=cells, raw=raw)

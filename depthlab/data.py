@@ -128,7 +128,7 @@ def _decode(blob: bytes, where: str) -> np.ndarray:
 
 def _stack(files: dict[str, dict[str, list[tuple[str, bytes]]]], origin: str) -> tuple[np.ndarray, ...]:
     """Decode {split: {class: [(name, bytes)]}} into arrays, in a fixed order."""
-    missing = [s for s in SPLITS if not files.get(s)]
+    missing = [s for s in SPLITS if not any(files.get(s, {}).values())]
     if missing:
         raise DataError(f"{origin}: no images under {', '.join(f'{s}/<class>/' for s in missing)} (expected train/<class>/*.jpg|png and test/<class>/*.jpg|png)")
     classes = _class_order(set(files["train"]))

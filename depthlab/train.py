@@ -190,6 +190,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     step = TrainStep(model, optimizer, bf16, resolve_compile(runtime.compile, device))
     diverged = False
     epochs_this_call = 0
+    window_errors = torch.zeros((), device=device, dtype=torch.long)  # warm-up: errors since the last look
     while state["iteration"] < schedule.total and not diverged:
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             return {"id": cell.id, "status": "interrupted", "epochs": state["epoch"]}
@@ -198,7 +199,6 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         generator = epoch_generator(cell.seed, state["epoch"], device)
         loss_sum = torch.zeros((), device=device)
         errors = torch.zeros((), device=device, dtype=torch.long)
-        window_errors = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for index in epoch_batches(n_train, spec.batch_size, generator, device):
             if state["iteration"] >= schedule.total:

@@ -1,0 +1,39 @@
+# depthlab: `make sweep` runs the paper's Figure-6 sweep, `make test` the tests.
+# Both create .venv and install depthlab into it first (once).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/cifar.yaml
+DATA ?=
+DATA_FLAG := $(if $(DATA),--data $(DATA))
+
+.PHONY: install sweep quick smoke report plan bench test
+
+install: $(BIN)/depthlab
+
+$(BIN)/depthlab: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+sweep: install                 ## the main job: make sweep [CONFIG=configs/cifar.yaml] [DATA=path/to/cifar10]
+	$(BIN)/depthlab sweep $(CONFIG) $(DATA_FLAG)
+
+quick: install                 ## the same comparison on a short schedule
+	$(BIN)/depthlab sweep configs/quick.yaml $(DATA_FLAG)
+
+smoke: install                 ## seconds on a CPU, synthetic data
+	$(BIN)/depthlab sweep configs/smoke.yaml
+
+report: install
+	$(BIN)/depthlab report $(RESULTS)
+
+plan: install
+	$(BIN)/depthlab plan $(CONFIG)
+
+bench: install                 ## images/s: common DataLoader way vs depthlab
+	$(BIN)/depthlab bench --depth 56 --jobs 4
+
+test: install
+	$(BIN)/python -m pytest -q

@@ -1,0 +1,215 @@
+"""The `depthlab` command: sweep, plan, report and bench. Thin: each command calls one module."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, RuntimeSpec, load_config, with_overrides
+from .data import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train plain and residual CIFAR-10 nets of growing depth and see why residual networks exist.")
+console = Console()
+errors = Console(stderr=True)
+
+USER_ERROR = 2
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Mistakes in what the user gave us end with a one-line message and exit code 2, not a traceback."""
+    from .report import ReportError
+    from .sweep import SweepConflict
+
+    try:
+        yield
+    except (ConfigError, DataError, SweepConflict, ReportError) as err:
+        errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR)
+    except RuntimeError as err:  # device problems (no GPU where one was asked for)
+        if "device" not in str(err):
+            raise
+        errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR)
+
+
+def _load(config: Path, data: Optional[str], device: Optional[str], jobs: Optional[int] = None):
+    return with_overrides(load_config(config), data_path=data, device=device, jobs=jobs)
+
+
+ConfigArg = typer.Argument(..., help="A sweep file, e.g. configs/cifar.yaml.", show_default=False)
+OutOpt = typer.Option(None, "--out", help="Results folder [default: results/<name>].")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N [default: the config's runtime.device].")
+DataOpt = typer.Option(None, "--data", help="An existing CIFAR-10: the python release, an image folder train/<class>/ test/<class>/, or a .tar.gz of one.")
+
+
+@app.command()
+def sweep(
+    config: Path = ConfigArg,
+    out: Optional[Path] = OutOpt,
+    device: Optional[str] = DeviceOpt,
+    data: Optional[str] = DataOpt,
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Cells trained at once [default: chosen from the device]."),
+    force: bool = typer.Option(False, "--force", help="Retrain cells whose config changed; their old results move to superseded/."),
+) -> None:
+    """Train every cell of a sweep; re-run the same command to resume after an interruption."""
+    from .report import build_report, print_report, write_report
+    from .sweep import default_out_dir, run_sweep
+
+    with user_errors():
+        cfg = _load(config, data, device, jobs)
+        out_dir = out or default_out_dir(cfg)
+        try:
+            outcome = run_sweep(cfg, out_dir, console, force=force)
+        except KeyboardInterrupt:
+            errors.print(f"\ninterrupted: finished cells are kept and the others continue from their last epoch when you run "
+                         f"the same command again (results in {out_dir})")
+            raise typer.Exit(130)
+        for path in outcome.superseded:
+            console.print(f"moved stale results to {path}")
+        if outcome.skipped and not outcome.ran:
+            console.print(f"all {len(outcome.skipped)} cells already finished in {out_dir}")
+        report = build_report(out_dir)
+        written = write_report(report, out_dir)
+        print_report(report, console)
+        console.print("wrote " + ", ".join(str(p) for p in written))
+    if outcome.failed:
+        errors.print(f"[red]{len(outcome.failed)} cell(s) failed:[/red] {', '.join(outcome.failed)} (see cells/<id>/error.txt)")
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    config: Path = ConfigArg,
+    out: Optional[Path] = OutOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of cells."),
+    estimate: bool = typer.Option(False, "--estimate", help="Time a few steps of each model on this device and project the wall time."),
+    device: Optional[str] = DeviceOpt,
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Cells at once, for the estimate."),
+) -> None:
+    """List the cells a sweep will run, with parameters, multiply-accumulates and training compute."""
+    from .plan import cell_iterations, expected_train_images, plan_cells
+    from .sweep import auto_jobs, default_out_dir
+
+    with user_errors():
+        cfg = _load(config, None, device)
+        rows = plan_cells(cfg, out or default_out_dir(cfg))
+        projection = None
+        if estimate:
+            from .bench import estimate_seconds
+            from .train import resolve_device
+
+            dev = resolve_device(cfg.runtime.device)
+            todo = [c for c, r in zip(cfg.cells, rows) if r["status"] != "finished"]
+            n_train = expected_train_images(cfg.data)
+            k = jobs or (auto_jobs(dev, len(todo)) if cfg.runtime.jobs == "auto" else cfg.runtime.jobs)
+            projection = estimate_seconds(todo, dev, cfg.runtime, lambda c: cell_iterations(c, n_train), k)
+            for row in rows:
+                row["estimated_seconds"] = projection["cells"].get(row["id"], 0.0)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{cfg.name}: {len(rows)} cells")
+    table.add_column("cell", no_wrap=True)
+    for column in ("params", "MACs", "iters", "epochs", "PFLOP", "status"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r["id"], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}M", f"{r['iterations']:,}", f"{r['epochs']:.1f}",
+                      f"{r['train_flops'] / 1e15:.2f}", r["status"])
+    console.print(table)
+    console.print(f"total training compute: {sum(r['train_flops'] for r in rows) / 1e15:.1f} PFLOP")
+    if projection:
+        console.print(f"estimated wall time on {cfg.runtime.device}: {projection['serial_seconds'] / 60:.1f} min one cell at a time, "
+                      f"about {projection['wall_seconds'] / 60:.1f} min with {projection['jobs']} at once (if they scale linearly)")
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+def _latest_results(root: Path = Path("results")) -> Path:
+    sweeps = [p for p in root.glob("*/") if (p / "cells").is_dir()] if root.is_dir() else []
+    if not sweeps:
+        from .report import ReportError
+
+        raise ReportError(f"no sweep results under {root}/: run `depthlab sweep CONFIG` first, or name a results folder")
+    return max(sweeps, key=lambda p: (p / "cells").stat().st_mtime)
+
+
+@app.command()
+def report(
+    results: Optional[Path] = typer.Argument(None, help="A sweep's results folder [default: the latest under results/]."),
+    fmt: Format = typer.Option(Format.text, "--format", help="text (tables and verdict), json, or markdown."),
+) -> None:
+    """Training-error tables (plain vs residual per depth), the verdict, and a Figure-6-style plot."""
+    from .report import build_report, print_report, report_json, write_report
+
+    with user_errors():
+        folder = results or _latest_results()
+        rep = build_report(folder)
+        written = write_report(rep, folder)
+    if fmt is Format.json:
+        print(json.dumps(report_json(rep), indent=2))
+    elif fmt is Format.markdown:
+        print((folder / "report.md").read_text())
+    else:
+        print_report(rep, console)
+        console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def bench(
+    arch: str = typer.Option("residual", help="plain or residual."),
+    depth: int = typer.Option(56, help="A depth 6n+2."),
+    shortcut: str = typer.Option("A", help="A or B."),
+    batch_size: int = typer.Option(128, min=1),
+    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    steps: int = typer.Option(100, min=1, help="Timed steps per measurement."),
+    warmup: int = typer.Option(20, min=0, help="Untimed steps first (compilation, cudnn autotuning)."),
+    jobs: int = typer.Option(4, min=1, help="Cells at once for the concurrent measurement (1 skips it)."),
+    device: str = typer.Option("auto"),
+    compile_mode: str = typer.Option("auto", "--compile", help="auto, none, default, reduce-overhead or max-autotune."),
+    loader_workers: int = typer.Option(4, min=0, help="DataLoader workers of the common-way baseline."),
+    baseline: bool = typer.Option(True, help="Measure the common-way baseline too."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Images/s: the common DataLoader way vs depthlab's single-cell path vs K cells at once."""
+    from .bench import run_bench
+    from .config import parse_config
+    from .train import resolve_device
+
+    with user_errors():
+        check = {"name": "bench", "grid": {"arch": arch, "depth": depth, "shortcut": shortcut},
+                 "train": {"batch_size": batch_size, "precision": precision}, "runtime": {"compile": compile_mode, "device": device}}
+        parse_config(check, source="bench options")
+        runtime = RuntimeSpec(device=device, compile=compile_mode)
+        dev = resolve_device(device)
+    result = run_bench(arch, depth, shortcut, batch_size, precision, steps, warmup, jobs, dev, runtime, loader_workers, baseline)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(f"{result['model']} batch {batch_size} {precision} on {dev} (compile: {result['compile']}), {steps} timed steps")
+    for key, label in (("common_way", "common way (DataLoader + PIL, eager fp32)"), ("single_cell", "depthlab, one cell"),
+                       ("concurrent", f"depthlab, {jobs} cells at once (aggregate)")):
+        if key in result:
+            ratio = f"  ({result[key + '_speedup']:.2f}× baseline)" if key + "_speedup" in result else ""
+            console.print(f"  {label:<45} {result[key]:>10,.0f} images/s{ratio}")
+
+
+def main() -> None:
+    app(prog_name="depthlab")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

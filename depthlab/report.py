@@ -1,0 +1,459 @@
+"""The report of a sweep: per-depth results over seeds, the Figure-6 verdict, a table and the figure.
+
+It reads only what the sweep leaves on disk (sweep.yaml and cells/<id>/), so it can be run at
+any time, also while the sweep still trains: unfinished cells are listed, never averaged in.
+The verdict asks the question of He et al. 2015, Fig. 6: does the training error rise with
+depth for plain nets, and not for ResNets? "Rise" must beat the spread between seeds.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import files
+from .config import Cell, ConfigError, parse_config
+from .models import ARCHS
+from .sweep import CELLS, ERROR_LOG, SWEEP_FILE
+from .train import CELL_CONFIG, DONE, METRICS, SUMMARY
+
+MIN_GAP = 0.5  # percentage points: a smaller rise of the training error is not called degradation
+REPORT_MD, REPORT_CSV, FIGURE_PNG = "report.md", "report.csv", "figure6.png"
+ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
+KEYS = ["arch", "depth", "variant"]
+ERRORS = ("train_err", "clean_train_err", "test_err", "val_err")
+CURVE_COLUMNS = KEYS + ["epoch", "iteration", "train_err", "test_err"]
+RULE = (f"An architecture degrades when its deepest net's mean final training error exceeds its shallowest's "
+        f"by more than max({MIN_GAP} pp, twice the standard error of that difference over seeds) and the "
+        f"Spearman correlation of depth with mean training error is positive; Figure 6 is reproduced when "
+        f"plain nets degrade and ResNets do not.")
+
+
+class ReportError(Exception):
+    """The results folder holds nothing to report on."""
+
+
+@dataclass
+class Report:
+    """A sweep's results: `rows` per (arch, depth, variant), the verdict, unfinished cells and mean curves."""
+
+    name: str
+    rows: pd.DataFrame
+    verdict: dict[str, Any]
+    missing: list[dict[str, Any]]
+    curves: pd.DataFrame
+
+
+@dataclass
+class _CellRecord:
+    """What one cell folder (or one expected cell without a folder) says about that cell."""
+
+    id: str
+    status: str  # finished | diverged | running | failed | stale | not started
+    summary: Optional[dict[str, Any]] = None
+    metrics: Optional[pd.DataFrame] = None
+    epochs_total: Optional[int] = None
+
+
+# ----------------------------------------------------------------------------- reading the folder
+
+
+def _expected_cells(results_dir: Path) -> tuple[Optional[str], dict[str, Cell]]:
+    """The sweep's name and cells from its sweep.yaml, or (None, {}) when there is none."""
+    path = results_dir / SWEEP_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        config = parse_config(yaml.safe_load(path.read_text()), source=str(path))
+    except (ConfigError, yaml.YAMLError) as err:
+        raise ReportError(f"cannot read the sweep's configuration: {err}") from None
+    return config.name, {cell.id: cell for cell in config.cells}
+
+
+def _read_metrics(folder: Path) -> Optional[pd.DataFrame]:
+    path = folder / METRICS
+    if not path.is_file():
+        return None
+    return pd.read_csv(path)
+
+
+def _total_epochs(train: Optional[dict[str, Any]], metrics: Optional[pd.DataFrame]) -> Optional[int]:
+    """A cell's length in epochs; a run set in iterations needs one logged epoch to know its size."""
+    if not train:
+        return None
+    if train.get("epochs"):
+        return int(train["epochs"])
+    if metrics is None or metrics.empty:
+        return None
+    first = metrics.iloc[0]
+    return math.ceil(train["iterations"] / (first["iteration"] / first["epoch"]))
+
+
+def _recipe(folder: Path, expected: Optional[Cell]) -> Optional[dict[str, Any]]:
+    """A cell's training recipe (its `train` mapping), from sweep.yaml or else its config.json."""
+    if expected is not None:
+        return expected.to_dict()["train"]
+    if (folder / CELL_CONFIG).is_file():
+        return files.read_json(folder / CELL_CONFIG).get("train")
+    return None
+
+
+def _fingerprint_of(folder: Path) -> Optional[str]:
+    """The configuration a cell folder was (or is being) trained under: DONE's, else config.json's."""
+    if (folder / DONE).is_file():
+        return (folder / DONE).read_text().strip()
+    if (folder / CELL_CONFIG).is_file():
+        return files.read_json(folder / CELL_CONFIG).get("fingerprint")
+    return None
+
+
+def _failed(folder: Path) -> bool:
+    """An error log newer than the last epoch: the sweep's last attempt at this cell crashed."""
+    log, metrics = folder / ERROR_LOG, folder / METRICS
+    return log.is_file() and (not metrics.is_file() or log.stat().st_mtime >= metrics.stat().st_mtime)
+
+
+def _read_cell(folder: Path, expected: Optional[Cell]) -> _CellRecord:
+    """A cell's state; a folder trained under another configuration than sweep.yaml's is stale, as for the sweep."""
+    metrics = _read_metrics(folder)
+    fingerprint = _fingerprint_of(folder)
+    if expected is not None and fingerprint is not None and fingerprint != expected.fingerprint():
+        return _CellRecord(folder.name, "stale", metrics=metrics)
+    if (folder / DONE).is_file() and (folder / SUMMARY).is_file():
+        summary = files.read_json(folder / SUMMARY)
+        return _CellRecord(folder.name, summary["status"], summary, metrics)
+    if fingerprint is None and metrics is None and not (folder / ERROR_LOG).is_file():
+        return _CellRecord(folder.name, "not started")
+    status = "failed" if _failed(folder) else "running"
+    return _CellRecord(folder.name, status, metrics=metrics, epochs_total=_total_epochs(_recipe(folder, expected), metrics))
+
+
+def _read_cells(results_dir: Path, expected: dict[str, Cell]) -> list[_CellRecord]:
+    """Every cell on disk plus every expected cell, in the sweep's order, then the others by name."""
+    cells_dir = results_dir / CELLS
+    if not cells_dir.is_dir():
+        raise ReportError(f"{results_dir}: no '{CELLS}' folder, so no results yet; run `depthlab sweep CONFIG` first")
+    on_disk = {p.name: p for p in sorted(cells_dir.iterdir()) if p.is_dir()}
+    if not on_disk and not expected:
+        raise ReportError(f"{cells_dir} is empty: no results yet; run `depthlab sweep CONFIG` first")
+    order = list(expected) + [name for name in on_disk if name not in expected]
+    return [_read_cell(on_disk[name], expected.get(name)) if name in on_disk else _CellRecord(name, "not started")
+            for name in order]
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _variant(summary: dict[str, Any]) -> str:
+    """The cell id without arch, depth and seed: what else sets this cell apart (shortcut B, grid tags)."""
+    head, tail = f"{summary['arch']}-{summary['depth']}", f"s{summary['seed']}"
+    return summary["id"][len(head):-len(tail)].strip("-")
+
+
+def _cell_frame(records: list[_CellRecord]) -> pd.DataFrame:
+    """One row per cell that ended (finished or diverged), with its final numbers."""
+    rows = []
+    for rec in records:
+        if rec.status not in ("finished", "diverged"):
+            continue
+        s = rec.summary
+        final = s.get("final", {})
+        rows.append({"arch": s["arch"], "depth": s["depth"], "variant": _variant(s), "seed": s["seed"],
+                     "status": rec.status, "params": s.get("params"), "epochs": s.get("epochs"),
+                     "iterations": s.get("iterations"), **{e: final.get(e) for e in ERRORS}})
+    columns = KEYS + ["seed", "status", "params", "epochs", "iterations", *ERRORS]
+    return pd.DataFrame(rows, columns=columns).astype({e: float for e in ERRORS})
+
+
+def _aggregate(cells: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std (ddof=1) over finished seeds per (arch, depth, variant); diverged seeds are only counted."""
+    errors = [e for e in ERRORS if e != "val_err" or cells.loc[cells.status == "finished", e].notna().any()]
+    flagged = cells.assign(finished=cells.status.eq("finished"), diverged=cells.status.eq("diverged"))
+    counts = flagged.groupby(KEYS).agg(n_seeds=("finished", "sum"), n_diverged=("diverged", "sum"), params=("params", "first"))
+    stats_spec: dict[str, tuple[str, str]] = {"epochs": ("epochs", "max"), "iterations": ("iterations", "max")}
+    for e in errors:
+        stats_spec[e], stats_spec[f"{e}_std"] = (e, "mean"), (e, "std")
+    stats = flagged[flagged.finished].groupby(KEYS).agg(**stats_spec)
+    rows = counts.join(stats).reset_index()
+    rows = rows.astype({"depth": int, "n_seeds": int, "n_diverged": int})
+    order = {arch: i for i, arch in enumerate(ARCHS)}
+    return rows.sort_values(["arch", "variant", "depth"], key=lambda c: c.map(order) if c.name == "arch" else c,
+                            ignore_index=True)
+
+
+def _curves(records: list[_CellRecord]) -> pd.DataFrame:
+    """Per (arch, depth, variant, epoch): the mean over finished seeds of iteration and errors."""
+    frames = [rec.metrics.assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
+              for rec in records if rec.status == "finished" and rec.metrics is not None]
+    if not frames:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    values = CURVE_COLUMNS[len(KEYS) + 1:]
+    return pd.concat(frames)[CURVE_COLUMNS].groupby(KEYS + ["epoch"])[values].mean().reset_index()
+
+
+def _missing(records: list[_CellRecord]) -> list[dict[str, Any]]:
+    """Cells the means leave out and why, with their progress where it is known."""
+    out = []
+    for rec in records:
+        if rec.status == "finished":
+            continue
+        entry: dict[str, Any] = {"id": rec.id, "status": rec.status}
+        if rec.status in ("running", "failed"):
+            entry["epochs_done"] = 0 if rec.metrics is None else len(rec.metrics)
+            entry["epochs_total"] = rec.epochs_total
+        elif rec.status == "diverged":
+            entry["epochs_done"] = rec.summary.get("epochs")
+        out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------- the verdict
+
+
+def _sem2(row: pd.Series) -> float:
+    """The squared standard error of a row's mean training error; 0 with one seed (its spread is unknown)."""
+    return 0.0 if row["n_seeds"] < 2 else float(row["train_err_std"]) ** 2 / row["n_seeds"]
+
+
+def _trend(rows: pd.DataFrame) -> dict[str, Any]:
+    """Whether one architecture's training error rises with depth by more than the seeds' noise."""
+    rows = rows.sort_values("depth")
+    trend: dict[str, Any] = {"depths": [int(d) for d in rows.depth], "train_err": [float(e) for e in rows.train_err],
+                             "gap": None, "noise": None, "threshold": None, "spearman": None, "degrades": None}
+    if len(rows) < 2:
+        return trend
+    shallow, deep = rows.iloc[0], rows.iloc[-1]
+    gap = float(deep.train_err - shallow.train_err)
+    noise = 2 * math.sqrt(_sem2(deep) + _sem2(shallow))
+    threshold = max(noise, MIN_GAP)
+    spearman = float(rows.depth.rank().corr(rows.train_err.rank()))
+    trend.update(gap=gap, noise=noise, threshold=threshold, spearman=spearman, degrades=bool(gap > threshold and spearman > 0))
+    return trend
+
+
+def compute_verdict(rows: pd.DataFrame) -> dict[str, Any]:
+    """The Figure-6 question on the rows without a variant: plain degrades with depth, ResNet does not."""
+    base = rows[(rows.variant == "") & (rows.n_seeds > 0)]
+    details = {arch: _trend(base[base.arch == arch]) for arch in ARCHS}
+    plain, residual = details["plain"]["degrades"], details["residual"]["degrades"]
+    reproduced = None if plain is None or residual is None else plain and not residual
+    return {"plain_degrades": plain, "residual_degrades": residual, "reproduced": reproduced,
+            "details": details, "rule": RULE}
+
+
+def build_report(results_dir: Path) -> Report:
+    """Read a sweep's results folder into a Report; ReportError when there is nothing to read."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ReportError(f"{results_dir}: no such folder; run `depthlab sweep CONFIG` first")
+    name, expected = _expected_cells(results_dir)
+    records = _read_cells(results_dir, expected)
+    rows = _aggregate(_cell_frame(records))
+    return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(rows),
+                  missing=_missing(records), curves=_curves(records))
+
+
+# ----------------------------------------------------------------------------- words and tables
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _mean_std(row: pd.Series, column: str) -> str:
+    """'7.10 ± 0.21' (no ± with one seed)."""
+    std = row[f"{column}_std"]
+    return f"{row[column]:.2f}" if pd.isna(std) else f"{row[column]:.2f} ± {std:.2f}"
+
+
+def _table(rows: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the side-by-side table: one line per depth (and variant), plain left, ResNet right."""
+    header = ["depth"]
+    for arch in ARCHS:
+        label = ARCH_LABELS[arch]
+        header += [f"{label} train err % (n)", f"{label} clean train %", f"{label} test err %"]
+    lines = []
+    for (variant, depth), group in rows.groupby(["variant", "depth"], sort=True):
+        line = [f"{depth} [{variant}]" if variant else str(depth)]
+        for arch in ARCHS:
+            match = group[group.arch == arch]
+            line += _arch_cells(match.iloc[0]) if len(match) else ["–", "–", "–"]
+        lines.append(line)
+    return header, lines
+
+
+def _arch_cells(row: pd.Series) -> list[str]:
+    """The three cells of one (arch, depth) in the table, noting diverged seeds."""
+    diverged = f", {row.n_diverged} diverged" if row.n_diverged else ""
+    if row.n_seeds == 0:
+        return [f"diverged ({row.n_diverged})", "–", "–"]
+    return [f"{_mean_std(row, 'train_err')} (n={row.n_seeds}{diverged})",
+            _mean_std(row, "clean_train_err"), _mean_std(row, "test_err")]
+
+
+def verdict_headline(verdict: dict[str, Any]) -> str:
+    """One sentence: was Figure 6 reproduced, and if not, which half failed."""
+    if verdict["reproduced"] is None:
+        return "Undecided: the verdict needs at least two finished depths of both plain nets and ResNets."
+    if verdict["reproduced"]:
+        return "Reproduced: the plain nets' training error rises with depth, the ResNets' does not."
+    reasons = []
+    if not verdict["plain_degrades"]:
+        reasons.append("the plain nets' training error does not rise with depth beyond the noise")
+    if verdict["residual_degrades"]:
+        reasons.append("the ResNets' training error rises with depth too")
+    return "Not reproduced: " + " and ".join(reasons) + "."
+
+
+def _trend_line(arch: str, trend: dict[str, Any]) -> str:
+    """One architecture's numbers behind the verdict."""
+    label = ARCH_LABELS[arch]
+    errors = ", ".join(f"{d}: {_fmt(e)}" for d, e in zip(trend["depths"], trend["train_err"]))
+    if trend["degrades"] is None:
+        return f"{label}: fewer than two depths finished ({errors or 'none'})."
+    word = "degrades" if trend["degrades"] else "does not degrade"
+    return (f"{label} {word}: final training error % by depth {errors}; deepest − shallowest = {trend['gap']:+.2f} pp "
+            f"vs threshold {trend['threshold']:.2f} pp (seed noise {trend['noise']:.2f}); "
+            f"Spearman(depth, error) = {_fmt(trend['spearman'])}.")
+
+
+def _missing_line(entry: dict[str, Any]) -> str:
+    """'plain-56-s1: running (12/160 epochs)'."""
+    status = entry["status"]
+    if status == "running":
+        total = entry.get("epochs_total")
+        status += f" or interrupted ({entry['epochs_done']}/{total if total is not None else '?'} epochs)"
+    elif status == "diverged":
+        status += f" after {entry['epochs_done']} epochs"
+    elif status == "failed":
+        status += f" after {entry['epochs_done']} epochs (see {CELLS}/{entry['id']}/{ERROR_LOG})"
+    elif status == "stale":
+        status += " (trained under another configuration than sweep.yaml; `depthlab sweep --force` retrains it)"
+    return f"{entry['id']}: {status}"
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types: NaN becomes None, numpy scalars become Python ones."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    """The report as JSON-able data (json.dumps works on it with allow_nan=False)."""
+    return _json_safe({"name": report.name, "rows": report.rows.to_dict(orient="records"),
+                       "verdict": report.verdict, "missing": report.missing})
+
+
+def _markdown(report: Report) -> str:
+    header, lines = _table(report.rows)
+    text = [f"# {report.name}: plain vs residual nets of growing depth (He et al. 2015, Fig. 6)", "",
+            "Final-epoch errors in %, mean ± std over finished seeds. *Train err* is the running error over the "
+            "last epoch's augmented mini-batches (what Figure 6 plots); *clean train* is the eval-mode error on "
+            "the whole training set.", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    text += ["| " + " | ".join(line) + " |" for line in lines]
+    verdict = report.verdict
+    text += ["", "## Verdict", "", f"**{verdict_headline(verdict)}**", ""]
+    text += [f"- {_trend_line(arch, verdict['details'][arch])}" for arch in ARCHS]
+    text += ["", f"Rule: {verdict['rule']}", ""]
+    if report.missing:
+        text += ["## Missing", "", "Not in the means above:", ""]
+        text += [f"- {_missing_line(entry)}" for entry in report.missing] + [""]
+    text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({FIGURE_PNG})", ""]
+    return "\n".join(text)
+
+
+def _y_top(curves: pd.DataFrame) -> float:
+    """The shared upper error limit: at least 20% (the paper's), more when most of the curves lie higher."""
+    values = curves[["train_err", "test_err"]].to_numpy(dtype=float).ravel()
+    values = values[np.isfinite(values)]
+    top = max(20.0, float(np.quantile(values, 0.9))) if len(values) else 20.0
+    return min(100.0, 5 * math.ceil(top / 5))
+
+
+def figure6(report: Report) -> Figure:
+    """Figure-6-style panels: error vs iterations per depth, dashed = training (running), bold = test."""
+    curves = report.curves[report.curves.variant == ""]
+    depths = sorted(curves.depth.unique())
+    colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    for ax, arch in zip(axes, ARCHS):
+        label = ARCH_LABELS[arch]
+        ax.set_title("plain networks" if arch == "plain" else "residual networks (ResNet)")
+        ax.set_xlabel("iter. (1e4)")
+        ax.grid(alpha=0.3)
+        data = curves[curves.arch == arch]
+        if data.empty:
+            ax.text(0.5, 0.5, f"no finished {label} cells", ha="center", va="center", transform=ax.transAxes, color="grey")
+            continue
+        for depth, run in sorted(data.groupby("depth"), reverse=True):
+            run = run.sort_values("epoch")
+            x = run.iteration / 1e4
+            ax.plot(x, run.train_err, "--", lw=0.9, color=colours[depth])
+            ax.plot(x, run.test_err, "-", lw=2.2, color=colours[depth], label=f"{label}-{depth}")
+        ax.set_xlim(left=0)
+        ax.legend(loc="upper right", fontsize=9)
+    axes[0].set_ylabel("error (%)")
+    axes[0].set_ylim(0, _y_top(curves))
+    fig.suptitle(f"{report.name}: dashed = training error (running, augmented), bold = test error", fontsize=10)
+    return fig
+
+
+def _write_png(path: Path, fig: Figure) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150)
+    files.write_bytes(path, buffer.getvalue())
+
+
+def write_report(report: Report, results_dir: Path) -> list[Path]:
+    """Write report.md, report.csv and figure6.png into `results_dir`; return their paths."""
+    results_dir = Path(results_dir)
+    md, csv, png = results_dir / REPORT_MD, results_dir / REPORT_CSV, results_dir / FIGURE_PNG
+    files.write_text(md, _markdown(report))
+    files.write_text(csv, report.rows.to_csv(index=False))
+    _write_png(png, figure6(report))
+    return [md, csv, png]
+
+
+def print_report(report: Report, console: Console) -> None:
+    """The side-by-side table, the verdict (green when reproduced, red when not) and the missing cells."""
+    header, lines = _table(report.rows)
+    table = Table(title=f"{escape(report.name)}: final errors in % (mean ± std over finished seeds)")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for line in lines:
+        table.add_row(*line)
+    console.print(table)
+    verdict = report.verdict
+    style = {True: "bold green", False: "bold red", None: "bold yellow"}[verdict["reproduced"]]
+    console.print(f"[{style}]{escape(verdict_headline(verdict))}[/]")
+    for arch in ARCHS:
+        console.print(f"  {escape(_trend_line(arch, verdict['details'][arch]))}")
+    console.print(f"  [dim]{escape(verdict['rule'])}[/]")
+    if report.missing:
+        count = len(report.missing)
+        console.print(f"[bold]Missing[/] ({count} cell{'s' if count > 1 else ''}, not in the means):")
+        for entry in report.missing:
+            console.print(f"  {escape(_missing_line(entry))}")
