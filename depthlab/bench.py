@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import Cell, DataSpec, RuntimeSpec, TrainSpec
-from .data import Images, Normalizer, augment, epoch_batches, synthetic_images
+from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
 from .models import build_model
-from .train import TrainStep, epoch_generator, make_optimizer, resolve_compile
+from .train import TrainStep, configure_device, epoch_generator, make_optimizer, resolve_compile, resolve_memory_format
 
 
 def _bench_cell(arch: str, depth: int, shortcut: str, batch_size: int, precision: str) -> Cell:
@@ -90,11 +90,11 @@ def depthlab_rate(arch: str, depth: int, shortcut: str, batch_size: int, precisi
                   device: torch.device, runtime: RuntimeSpec, images: Images) -> float:
     """Images/s of train_cell's own step: device-resident data, batched augmentation, no host syncs."""
     cell = _bench_cell(arch, depth, shortcut, batch_size, precision)
+    configure_device(device)
     torch.manual_seed(0)
     model = build_model(arch, depth, shortcut).to(device)
-    channels_last = runtime.channels_last if runtime.channels_last != "auto" else device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    memory_format = resolve_memory_format(runtime, device)
+    model.to(memory_format=memory_format)
     step = TrainStep(model, make_optimizer(model, cell, device), precision == "bf16", resolve_compile(runtime.compile, device))
     normalize = Normalizer(images.train_x, "pixel_mean")
     done, started, epoch = 0, None, 0
@@ -104,10 +104,7 @@ def depthlab_rate(arch: str, depth: int, shortcut: str, batch_size: int, precisi
             if done == warmup:
                 _sync(device)
                 started = time.perf_counter()
-            x = augment(normalize(images.train_x[index]), generator)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            step(x, images.train_y[index])
+            step(training_batch(images.train_x, index, normalize, generator, memory_format), images.train_y[index])
             done += 1
             if done == warmup + steps:
                 break

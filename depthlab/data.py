@@ -309,6 +309,12 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return random_flip(random_crop(x, 4, generator), generator)
 
 
+def training_batch(images: torch.Tensor, index: torch.Tensor, normalize: Normalizer, generator: torch.Generator,
+                   memory_format: torch.memory_format) -> torch.Tensor:
+    """Gather, normalise and augment one batch on the device, in the layout the model runs in."""
+    return augment(normalize(images[index]), generator).contiguous(memory_format=memory_format)
+
+
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Shuffled index batches of one epoch; the last partial batch is dropped (static shapes)."""
     order = torch.randperm(n, device=device, generator=generator)

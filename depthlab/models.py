@@ -135,8 +135,8 @@ def valid_depths(limit: int = 8) -> list[int]:
 def depth_error(depth: object) -> str | None:
     """Why `depth` is not a CIFAR-net depth, or None when it is one."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        listed = ", ".join(map(str, valid_depths()))
-        return f"depth must be 6n+2 with n >= 1 ({listed}, …, 56, 110, …); got {depth!r}"
+        listed = ", ".join(map(str, valid_depths(9)))
+        return f"depth must be 6n+2 with n >= 1 ({listed}, …, 110, …); got {depth!r}"
     return None
 
 

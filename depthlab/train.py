@@ -25,7 +25,7 @@ from torch import nn
 
 from . import files
 from .config import Cell, RuntimeSpec, TrainSpec
-from .data import Images, Normalizer, augment, epoch_batches, eval_batches
+from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
 from .models import build_model, count_macs, count_params
 
 METRIC_COLUMNS = ("epoch", "iteration", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_loss", "val_err", "seconds")
@@ -50,6 +50,12 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise RuntimeError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
+
+
+def configure_device(device: torch.device) -> None:
+    """Let cuDNN pick the fastest conv algorithms: shapes are static, so it searches once per shape."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def device_name(device: torch.device) -> str:
@@ -126,6 +132,12 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     return mode
 
 
+def resolve_memory_format(runtime: RuntimeSpec, device: torch.device) -> torch.memory_format:
+    """channels_last feeds the GPU's tensor cores without transposes; the CPU prefers NCHW."""
+    channels_last = runtime.channels_last if runtime.channels_last != "auto" else device.type == "cuda"
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Normalizer, batch_size: int, bf16: bool) -> tuple[float, float]:
     """Mean loss and error (%) in eval mode without augmentation, in large batches."""
@@ -163,13 +175,13 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     schedule = Schedule.for_cell(spec, iters_per_epoch)
     total_epochs = math.ceil(schedule.total / iters_per_epoch)
 
+    configure_device(device)
     torch.manual_seed(cell.seed)
     model = build_model(cell.arch, cell.depth, cell.shortcut)
     params, macs = count_params(model), count_macs(model)
     model.to(device)
-    channels_last = runtime.channels_last if runtime.channels_last != "auto" else device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    memory_format = resolve_memory_format(runtime, device)
+    model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, cell, device)
     normalize = Normalizer(images.train_x, cell.data.normalize)
     bf16 = spec.precision == "bf16"
@@ -206,9 +218,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
             lr = schedule.lr_at(state["iteration"], state["warming_up"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = augment(normalize(images.train_x[index]), generator)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = training_batch(images.train_x, index, normalize, generator, memory_format)
             loss, wrong = step(x, images.train_y[index])
             loss_sum += loss * len(index)
             errors += wrong
