@@ -29,15 +29,11 @@ def user_errors() -> Iterator[None]:
     """Mistakes in what the user gave us end with a one-line message and exit code 2, not a traceback."""
     from .report import ReportError
     from .sweep import SweepConflict
+    from .train import DeviceError
 
     try:
         yield
-    except (ConfigError, DataError, SweepConflict, ReportError) as err:
-        errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR)
-    except RuntimeError as err:  # device problems (no GPU where one was asked for)
-        if "device" not in str(err):
-            raise
+    except (ConfigError, DataError, DeviceError, SweepConflict, ReportError) as err:
         errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR)
 

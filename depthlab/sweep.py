@@ -10,16 +10,19 @@ since changed is never overwritten: the sweep refuses, or with `force` moves it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -28,11 +31,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__, files
 from .config import Cell, SweepConfig
-from .data import load_images
+from .data import Images, load_images
 from .models import build_model, count_macs
 from .train import CHECKPOINT, CELL_CONFIG, DONE, device_name, resolve_device, train_cell
 
-CELLS, SUPERSEDED, SWEEP_FILE, ERROR_LOG = "cells", "superseded", "sweep.yaml", "error.txt"
+CELLS, SUPERSEDED, SWEEP_FILE, ERROR_LOG, LOCK = "cells", "superseded", "sweep.yaml", "error.txt", ".lock"
 GIB = 1024**3
 MEMORY_PER_JOB = 3 * GIB  # a generous bound for one cell's data, weights and activations at batch 128
 MAX_JOBS_PER_GPU = 6  # beyond this, more processes no longer add throughput on one GPU
@@ -179,15 +182,17 @@ def ended_message(cell_id: str, summary: dict | None, error: str | None) -> str:
 
 
 class QueueProgress:
-    """Forwards a worker's progress to the parent process."""
+    """Forwards a worker's progress to the parent process, and ends the worker if the parent is gone."""
 
     def __init__(self, events: Any):
-        self.events = events
+        self.events, self.parent = events, os.getppid()
 
     def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None:
         self.events.put(("started", cell_id, total_epochs, done_epochs))
 
     def epoch_done(self, cell_id: str, row: dict) -> None:
+        if os.getppid() != self.parent:  # the sweep was killed: stop before a re-run trains this cell too
+            os._exit(1)
         self.events.put(("epoch", cell_id, row))
 
 
@@ -204,6 +209,7 @@ def _train_safely(cell: Cell, images: Any, device: torch.device, config: SweepCo
 
 def _worker(rank: int, config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, jobs: int, tasks: Any, events: Any) -> None:
     """A worker process: load the data onto its device once, then train cells from the queue."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     device = worker_device(device, rank)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
@@ -257,8 +263,8 @@ def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device:
     return failed
 
 
-def _run_inline(config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, display: Any) -> list[str]:
-    images = load_images(config.data).to(device)
+def _run_inline(config: SweepConfig, images: Images, cells: list[Cell], out_dir: Path, device: torch.device, display: Any) -> list[str]:
+    images = images.to(device)
     failed = []
     for cell in cells:
         summary, error = _train_safely(cell, images, device, config, out_dir, display)
@@ -277,8 +283,28 @@ class SweepOutcome:
     superseded: list[Path]
 
 
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """One sweep at a time per results folder: a second one would train the same cells twice."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT), "rb") as lock:  # opening leaves the file untouched
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepConflict(f"{out_dir}: another depthlab sweep is running in this folder; wait for it or stop it first") from None
+        yield  # the lock goes with the process, however it ends
+
+
 def run_sweep(config: SweepConfig, out_dir: Path, console: Console, force: bool = False, jobs: int | None = None) -> SweepOutcome:
     """Train every cell of `config` that is not finished yet, several at once where that helps."""
+    device = resolve_device(config.runtime.device)  # a wrong device or dataset stops the sweep before it writes anything
+    images = load_images(config.data)  # decoded and cached once, before any worker starts
+    with exclusive(out_dir):
+        return _run_sweep(config, images, device, out_dir, console, force, jobs)
+
+
+def _run_sweep(config: SweepConfig, images: Images, device: torch.device, out_dir: Path, console: Console,
+               force: bool, jobs: int | None) -> SweepOutcome:
     statuses = {cell.id: cell_status(out_dir, cell) for cell in config.cells}
     stale = [cell for cell in config.cells if statuses[cell.id] == "stale"]
     if stale and not force:
@@ -289,16 +315,13 @@ def run_sweep(config: SweepConfig, out_dir: Path, console: Console, force: bool 
             f"{out_dir / SUPERSEDED}/ and train them again."
         )
     moved = [supersede(out_dir, cell) for cell in stale]
-    device = resolve_device(config.runtime.device)
     todo = sorted((c for c in config.cells if statuses[c.id] != "finished"), key=cell_cost, reverse=True)
     skipped = [c.id for c in config.cells if statuses[c.id] == "finished"]
 
-    load_images(config.data)  # decode and cache once, before any worker starts, and fail early
     files.write_text(out_dir / SWEEP_FILE, yaml.safe_dump(config.raw, sort_keys=False))
-    if not (out_dir / "environment.json").is_file():
-        files.write_json(out_dir / "environment.json", environment(device))
     if not todo:
         return SweepOutcome(out_dir, [], skipped, [], moved)
+    files.write_json(out_dir / "environment.json", environment(device))  # the latest run; each summary names its device
 
     jobs = min(jobs or (auto_jobs(device, len(todo)) if config.runtime.jobs == "auto" else config.runtime.jobs), len(todo))
     console.print(f"[bold]{config.name}[/bold]: {len(todo)} cell(s) to train on {device_name(device)} ({device}), "
@@ -308,5 +331,5 @@ def run_sweep(config: SweepConfig, out_dir: Path, console: Console, force: bool 
         if jobs > 1:
             failed = _run_parallel(config, todo, out_dir, device, jobs, display)
         else:
-            failed = _run_inline(config, todo, out_dir, device, display)
+            failed = _run_inline(config, images, todo, out_dir, device, display)
     return SweepOutcome(out_dir, [c.id for c in todo], skipped, failed, moved)

@@ -40,15 +40,19 @@ class Progress(Protocol):
     def epoch_done(self, cell_id: str, row: dict) -> None: ...
 
 
+class DeviceError(Exception):
+    """A device was asked for that this machine does not have."""
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' is the first GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but no CUDA GPU is visible to torch (use --device cpu or auto)")
+        raise DeviceError(f"device {name!r} asked for, but no CUDA GPU is visible to torch (use --device cpu or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise RuntimeError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+        raise DeviceError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
