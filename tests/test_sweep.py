@@ -409,6 +409,17 @@ def test_plan_counts_the_papers_resnet_20_parameters(cli, tmp_path: Path) -> Non
     assert rows["residual-20-s0"]["macs"] == rows["plain-20-s0"]["macs"] > 40e6
 
 
+def test_plan_estimate_times_each_model_and_projects_the_sweep(cli, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "sweep.yaml", small_sweep(depth=[8, 14]))
+    result = cli("plan", config, "--out", tmp_path / "out", "--estimate", "--json")
+    assert result.exit_code == 0, result.output
+    seconds = {r["id"]: r["estimated_seconds"] for r in json.loads(result.stdout)}
+    assert sorted(seconds) == ["plain-14-s0", "plain-8-s0", "residual-14-s0", "residual-8-s0"]
+    assert all(s > 0 for s in seconds.values())
+    text = cli("plan", config, "--out", tmp_path / "out", "--estimate")
+    assert "estimated wall time" in text.stdout
+
+
 # ----------------------------------------------------------------------------- 7. errors
 
 
