@@ -7,7 +7,7 @@ CONFIG ?= configs/cifar.yaml
 DATA ?=
 DATA_FLAG := $(if $(DATA),--data $(DATA))
 
-.PHONY: install sweep quick smoke report plan bench test
+.PHONY: install sweep quick cpu smoke report plan bench test
 
 install: $(BIN)/depthlab
 
@@ -22,6 +22,9 @@ sweep: install                 ## the main job: make sweep [CONFIG=configs/cifar
 
 quick: install                 ## the same comparison on a short schedule
 	$(BIN)/depthlab sweep configs/quick.yaml $(DATA_FLAG)
+
+cpu: install                   ## the comparison sized for a CPU (about half an hour on 2 cores)
+	$(BIN)/depthlab sweep configs/cpu.yaml $(DATA_FLAG)
 
 smoke: install                 ## seconds on a CPU, synthetic data
 	$(BIN)/depthlab sweep configs/smoke.yaml

@@ -65,7 +65,11 @@ def configure_device(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    try:
+        model = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        return f"{model.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"
 
 
 @dataclass
@@ -88,7 +92,7 @@ class Schedule:
     def lr_at(self, iteration: int, warming_up: bool) -> float:
         if warming_up and self.warmup_lr is not None:
             return self.warmup_lr
-        return self.lr * self.decay ** sum(iteration >= m for m in self.milestones)
+        return float(f"{self.lr * self.decay ** sum(iteration >= m for m in self.milestones):.12g}")  # 0.001, not 0.0010000000000000002
 
 
 class TrainStep:
