@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Iterator, Protocol
 
 import pandas as pd
 import torch
@@ -168,6 +168,41 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
+def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule, state: dict,
+                warmup_until_err: float, device: torch.device) -> tuple[float, float, float]:
+    """One pass over the batches (or what is left of the iteration budget): running loss, error % and the last lr.
+
+    Loss and errors are summed on the device and read once at the end. During a warm-up the
+    error of each window of WARMUP_CHECK_EVERY batches is read to decide when it ends; windows
+    restart with each epoch, so a run resumed at an epoch boundary decides exactly as before.
+    """
+    loss_sum = torch.zeros((), device=device)
+    errors = torch.zeros((), device=device, dtype=torch.long)
+    window_errors = torch.zeros((), device=device, dtype=torch.long)
+    seen = window_seen = 0
+    lr = schedule.lr_at(state["iteration"], state["warming_up"])
+    for x, y in batches:
+        if state["iteration"] >= schedule.total:
+            break
+        lr = schedule.lr_at(state["iteration"], state["warming_up"])
+        for group in step.optimizer.param_groups:
+            group["lr"] = lr
+        loss, wrong = step(x, y)
+        loss_sum += loss * len(y)
+        errors += wrong
+        seen += len(y)
+        state["iteration"] += 1
+        if state["warming_up"]:
+            window_errors += wrong
+            window_seen += len(y)
+            if window_seen == WARMUP_CHECK_EVERY * len(y):  # the only host syncs, and only during warm-up
+                state["warming_up"] = 100.0 * window_errors.item() / window_seen >= warmup_until_err
+                window_errors.zero_()
+                window_seen = 0
+    total_loss, wrong_count = torch.stack([loss_sum, errors.float()]).tolist()
+    return total_loss / seen, 100.0 * wrong_count / seen, lr
+
+
 def train_cell(cell: Cell, images: Images, device: torch.device, runtime: RuntimeSpec, cell_dir: Path,
                progress: Progress | None = None, stop_after_epochs: int | None = None) -> dict:
     """Train `cell` on `images` (already on `device`), writing metrics, checkpoints and a summary to `cell_dir`.
@@ -210,40 +245,19 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     step = TrainStep(model, optimizer, bf16, resolve_compile(runtime.compile, device))
     diverged = False
     epochs_this_call = 0
-    window_errors = torch.zeros((), device=device, dtype=torch.long)  # warm-up: errors since the last look
     while state["iteration"] < schedule.total and not diverged:
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             return {"id": cell.id, "status": "interrupted", "epochs": state["epoch"]}
         started = time.perf_counter()
         model.train()
         generator = epoch_generator(cell.seed, state["epoch"], device)
-        loss_sum = torch.zeros((), device=device)
-        errors = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for index in epoch_batches(n_train, spec.batch_size, generator, device):
-            if state["iteration"] >= schedule.total:
-                break
-            lr = schedule.lr_at(state["iteration"], state["warming_up"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = training_batch(images.train_x, index, normalize, generator, memory_format)
-            loss, wrong = step(x, images.train_y[index])
-            loss_sum += loss * len(index)
-            errors += wrong
-            seen += len(index)
-            state["iteration"] += 1
-            if state["warming_up"]:
-                window_errors += wrong
-                if state["iteration"] % WARMUP_CHECK_EVERY == 0:  # the only syncs: during warm-up
-                    window_err = 100.0 * window_errors.item() / (WARMUP_CHECK_EVERY * spec.batch_size)
-                    state["warming_up"] = window_err >= spec.warmup_until_err
-                    window_errors.zero_()
-        train_loss, train_wrong = torch.stack([loss_sum, errors.float()]).tolist()
-        train_loss /= seen
+        batches = ((training_batch(images.train_x, index, normalize, generator, memory_format), images.train_y[index])
+                   for index in epoch_batches(n_train, spec.batch_size, generator, device))
+        train_loss, train_err, lr = train_epoch(step, batches, schedule, state, spec.warmup_until_err, device)
         diverged = not math.isfinite(train_loss)
         state["train_seconds"] += time.perf_counter() - started
         row = {"epoch": state["epoch"] + 1, "iteration": state["iteration"], "lr": lr,
-               "train_loss": train_loss, "train_err": 100.0 * train_wrong / seen}
+               "train_loss": train_loss, "train_err": train_err}
         row["test_loss"], row["test_err"] = evaluate(model, images.test_x, images.test_y, normalize, runtime.eval_batch_size, bf16)
         if images.val_y is not None:
             row["val_loss"], row["val_err"] = evaluate(model, images.val_x, images.val_y, normalize, runtime.eval_batch_size, bf16)

@@ -67,8 +67,11 @@ def test_warm_up_trains_at_the_low_rate_until_the_error_falls_below_the_threshol
     assert pd.read_csv(tmp_path / "at-once" / METRICS).lr.tolist() == pytest.approx([0.1, 0.1, 0.01])
 
 
-def test_an_interrupted_cell_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path) -> None:
-    config, cell, images = one_cell()
+@pytest.mark.parametrize("recipe", [{}, {"warmup_lr": 0.05, "warmup_until_err": 85.0}], ids=["plain-schedule", "warm-up-ends-after-the-resume"])
+def test_an_interrupted_cell_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                          recipe: dict) -> None:
+    monkeypatch.setattr(train_module, "WARMUP_CHECK_EVERY", 2)
+    config, cell, images = one_cell(**recipe)
     train_cell(cell, images, CPU, config.runtime, tmp_path / "straight")
 
     partial = train_cell(cell, images, CPU, config.runtime, tmp_path / "resumed", stop_after_epochs=1)
