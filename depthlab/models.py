@@ -9,6 +9,7 @@ pair without the addition. The two families have identical layers; only the shor
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -186,3 +187,10 @@ def count_macs(model: nn.Module, image_size: int = 32) -> int:
     for h in handles:
         h.remove()
     return total
+
+
+@lru_cache(maxsize=None)
+def model_size(arch: Arch, depth: int, shortcut: Shortcut = "A") -> tuple[int, int]:
+    """(parameters, forward MACs per image) of a net, computed once per shape."""
+    model = build_model(arch, depth, shortcut)
+    return count_params(model), count_macs(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Cell, DataSpec, SweepConfig
-from .models import build_model, count_macs, count_params
+from .models import model_size
 from .sweep import cell_status
 
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -26,14 +26,9 @@ def cell_iterations(cell: Cell, n_train: int) -> int:
 def plan_cells(config: SweepConfig, out_dir: Path) -> list[dict]:
     """One row per cell: model size, forward MACs per image, training compute and current status."""
     n_train = expected_train_images(config.data)
-    sizes: dict[tuple, tuple[int, int]] = {}
     rows = []
     for cell in config.cells:
-        key = (cell.arch, cell.depth, cell.shortcut)
-        if key not in sizes:
-            model = build_model(*key)
-            sizes[key] = count_params(model), count_macs(model)
-        params, macs = sizes[key]
+        params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
         iterations = cell_iterations(cell, n_train)
         images = iterations * cell.train.batch_size
         rows.append({"id": cell.id, "arch": cell.arch, "depth": cell.depth, "seed": cell.seed, "shortcut": cell.shortcut,

@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__, files
 from .config import Cell, SweepConfig
 from .data import Images, load_images
-from .models import build_model, count_macs
+from .models import model_size
 from .train import CHECKPOINT, CELL_CONFIG, DONE, device_name, resolve_device, train_cell
 
 CELLS, SUPERSEDED, SWEEP_FILE, ERROR_LOG, LOCK = "cells", "superseded", "sweep.yaml", "error.txt", ".lock"
@@ -86,7 +86,7 @@ def cell_cost(cell: Cell) -> float:
     """Relative training cost, for running the longest cells first."""
     spec = cell.train
     length = spec.iterations if spec.iterations is not None else spec.epochs * 400
-    return count_macs(build_model(cell.arch, cell.depth, cell.shortcut)) * length * spec.batch_size
+    return model_size(cell.arch, cell.depth, cell.shortcut)[1] * length * spec.batch_size
 
 
 def auto_jobs(device: torch.device, n_cells: int) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 from . import files
 from .config import Cell, RuntimeSpec, TrainSpec
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
-from .models import build_model, count_macs, count_params
+from .models import build_model, model_size
 
 METRIC_COLUMNS = ("epoch", "iteration", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_loss", "val_err", "seconds")
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
@@ -219,9 +219,9 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     total_epochs = math.ceil(schedule.total / iters_per_epoch)
 
     configure_device(device)
-    torch.manual_seed(cell.seed)
+    params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
+    torch.manual_seed(cell.seed)  # the initial weights are a function of the seed alone
     model = build_model(cell.arch, cell.depth, cell.shortcut)
-    params, macs = count_params(model), count_macs(model)
     model.to(device)
     memory_format = resolve_memory_format(runtime, device)
     model.to(memory_format=memory_format)
