@@ -18,8 +18,8 @@ from .data import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train plain and residual CIFAR-10 nets of growing depth and see why residual networks exist.")
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)  # long paths and messages stay on one line in logs
+errors = Console(stderr=True, soft_wrap=True)
 
 USER_ERROR = 2
 
