@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .config import Cell, DataSpec, RuntimeSpec, TrainSpec
 from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
 from .models import build_model
-from .train import TrainStep, configure_device, epoch_generator, make_optimizer, resolve_compile, resolve_memory_format
+from .train import TrainStep, configure_device, device_name, epoch_generator, make_optimizer, resolve_compile, resolve_memory_format
 
 
 def _bench_cell(arch: str, depth: int, shortcut: str, batch_size: int, precision: str) -> Cell:
@@ -149,7 +149,8 @@ def run_bench(arch: str, depth: int, shortcut: str, batch_size: int, precision: 
     images = bench_images()
     common = dict(arch=arch, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup)
     result: dict[str, Any] = {"model": f"{arch}-{depth}", "batch_size": batch_size, "precision": precision,
-                              "steps": steps, "device": str(device), "compile": resolve_compile(runtime.compile, device)}
+                              "steps": steps, "device": str(device), "device_name": device_name(device),
+                              "torch": torch.__version__, "compile": resolve_compile(runtime.compile, device)}
     if baseline:
         result["common_way"] = common_way_rate(device=device, images=images, loader_workers=loader_workers, **common)
     ours = dict(common, shortcut=shortcut, precision=precision, runtime=runtime)

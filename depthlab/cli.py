@@ -195,7 +195,8 @@ def bench(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    console.print(f"{result['model']} batch {batch_size} {precision} on {dev} (compile: {result['compile']}), {steps} timed steps")
+    console.print(f"{result['model']} batch {batch_size} {precision} on {result['device_name']} ({dev}), torch {result['torch']}, "
+                  f"compile: {result['compile']}, {steps} timed steps")
     for key, label in (("common_way", "common way (DataLoader + PIL, eager fp32)"), ("single_cell", "depthlab, one cell"),
                        ("concurrent", f"depthlab, {jobs} cells at once (aggregate)")):
         if key in result:
