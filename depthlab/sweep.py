@@ -295,16 +295,16 @@ def exclusive(out_dir: Path) -> Iterator[None]:
         yield  # the lock goes with the process, however it ends
 
 
-def run_sweep(config: SweepConfig, out_dir: Path, console: Console, force: bool = False, jobs: int | None = None) -> SweepOutcome:
+def run_sweep(config: SweepConfig, out_dir: Path, console: Console, force: bool = False) -> SweepOutcome:
     """Train every cell of `config` that is not finished yet, several at once where that helps."""
     device = resolve_device(config.runtime.device)  # a wrong device or dataset stops the sweep before it writes anything
     images = load_images(config.data)  # decoded and cached once, before any worker starts
     with exclusive(out_dir):
-        return _run_sweep(config, images, device, out_dir, console, force, jobs)
+        return _run_sweep(config, images, device, out_dir, console, force)
 
 
 def _run_sweep(config: SweepConfig, images: Images, device: torch.device, out_dir: Path, console: Console,
-               force: bool, jobs: int | None) -> SweepOutcome:
+               force: bool) -> SweepOutcome:
     statuses = {cell.id: cell_status(out_dir, cell) for cell in config.cells}
     stale = [cell for cell in config.cells if statuses[cell.id] == "stale"]
     if stale and not force:
@@ -323,7 +323,7 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, out_di
         return SweepOutcome(out_dir, [], skipped, [], moved)
     files.write_json(out_dir / "environment.json", environment(device))  # the latest run; each summary names its device
 
-    jobs = min(jobs or (auto_jobs(device, len(todo)) if config.runtime.jobs == "auto" else config.runtime.jobs), len(todo))
+    jobs = min(auto_jobs(device, len(todo)) if config.runtime.jobs == "auto" else config.runtime.jobs, len(todo))
     console.print(f"[bold]{config.name}[/bold]: {len(todo)} cell(s) to train on {device_name(device)} ({device}), "
                   f"{jobs} at a time; {len(skipped)} already finished; results in {out_dir}")
     live = RichProgress if console.is_terminal else LogProgress
