@@ -11,20 +11,15 @@ together), on the same model and batch size, so their ratios are fair.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .config import Cell, DataSpec, RuntimeSpec, TrainSpec
+from .config import Cell, RuntimeSpec, TrainSpec
 from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
 from .models import build_model
 from .train import TrainStep, configure_device, device_name, epoch_generator, make_optimizer, resolve_compile, resolve_memory_format
-
-
-def _bench_cell(arch: str, depth: int, shortcut: str, batch_size: int, precision: str) -> Cell:
-    train = TrainSpec(iterations=1, lr=0.1, batch_size=batch_size, precision=precision)
-    return Cell(arch, depth, 0, shortcut, train, DataSpec(source="synthetic"))
 
 
 def bench_images(size: int = 10_000) -> Images:
@@ -86,54 +81,60 @@ def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: 
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def depthlab_rate(arch: str, depth: int, shortcut: str, batch_size: int, precision: str, steps: int, warmup: int,
-                  device: torch.device, runtime: RuntimeSpec, images: Images) -> float:
-    """Images/s of train_cell's own step: device-resident data, batched augmentation, no host syncs."""
-    cell = _bench_cell(arch, depth, shortcut, batch_size, precision)
+def _depthlab_span(arch: str, depth: int, shortcut: str, batch_size: int, precision: str, steps: int, warmup: int,
+                   device: torch.device, runtime: RuntimeSpec, images: Images,
+                   ready: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Wall-clock start and end of `steps` timed steps of train_cell's own step, after `warmup` untimed ones.
+
+    `ready` runs between the two (K processes meet there, so that they time the same interval).
+    """
     configure_device(device)
     torch.manual_seed(0)
     model = build_model(arch, depth, shortcut).to(device)
     memory_format = resolve_memory_format(runtime, device)
     model.to(memory_format=memory_format)
-    step = TrainStep(model, make_optimizer(model, cell, device), precision == "bf16", resolve_compile(runtime.compile, device))
+    spec = TrainSpec(iterations=1, batch_size=batch_size, precision=precision)
+    step = TrainStep(model, make_optimizer(model, spec, device), precision == "bf16", resolve_compile(runtime.compile, device))
     normalize = Normalizer(images.train_x, "pixel_mean")
-    done, started, epoch = 0, None, 0
+    done, started, epoch = 0, 0.0, 0
     while done < warmup + steps:
         generator = epoch_generator(0, epoch, device)
         for index in epoch_batches(len(images.train_y), batch_size, generator, device):
             if done == warmup:
                 _sync(device)
-                started = time.perf_counter()
+                ready()
+                started = time.time()
             step(training_batch(images.train_x, index, normalize, generator, memory_format), images.train_y[index])
             done += 1
             if done == warmup + steps:
                 break
         epoch += 1
     _sync(device)
-    return steps * batch_size / (time.perf_counter() - started)
+    return started, time.time()
 
 
-def _concurrent_worker(rank: int, args: dict, barrier: Any, results: Any) -> None:
+def depthlab_rate(*, steps: int, batch_size: int, **args: Any) -> float:
+    """Images/s of train_cell's own step: device-resident data, batched augmentation, no host syncs."""
+    start, end = _depthlab_span(steps=steps, batch_size=batch_size, **args)
+    return steps * batch_size / (end - start)
+
+
+def _concurrent_worker(args: dict, jobs: int, barrier: Any, results: Any) -> None:
     device = torch.device(args["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, torch.get_num_threads() // args["jobs"]))
+        torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
     images = bench_images().to(device)
-    warm = dict(args, steps=args["warmup"])
-    depthlab_rate(images=images, device=device, **{k: v for k, v in warm.items() if k not in ("device", "jobs")})
-    barrier.wait()
-    start = time.time()
-    depthlab_rate(images=images, device=device, **{k: v for k, v in dict(args, warmup=0).items() if k not in ("device", "jobs")})
-    results.put((start, time.time()))
+    results.put(_depthlab_span(**dict(args, device=device), images=images, ready=barrier.wait))
 
 
 def concurrent_rate(jobs: int, device: torch.device, **args: Any) -> float:
-    """Aggregate images/s of `jobs` cells trained at once, each in its own process."""
+    """Aggregate images/s of `jobs` cells trained at once, each in its own process, over the same interval."""
     context = torch.multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(jobs), context.Queue()
-    payload = dict(args, device=str(device), jobs=jobs)
-    procs = [context.Process(target=_concurrent_worker, args=(r, payload, barrier, results)) for r in range(jobs)]
+    payload = dict(args, device=str(device))
+    procs = [context.Process(target=_concurrent_worker, args=(payload, jobs, barrier, results)) for _ in range(jobs)]
     for p in procs:
         p.start()
     spans = [results.get() for _ in procs]
@@ -177,7 +178,9 @@ def estimate_seconds(cells: list[Cell], device: torch.device, runtime: RuntimeSp
     for cell in cells:
         key = (cell.arch, cell.depth, cell.shortcut, cell.train.batch_size, cell.train.precision)
         if key not in rates:
-            rates[key] = depthlab_rate(*key, steps=steps, warmup=5, device=device, runtime=runtime, images=images)
+            arch, depth, shortcut, batch_size, precision = key
+            rates[key] = depthlab_rate(arch=arch, depth=depth, shortcut=shortcut, batch_size=batch_size, precision=precision,
+                                       steps=steps, warmup=5, device=device, runtime=runtime, images=images)
         per_cell[cell.id] = iterations_of(cell) * cell.train.batch_size / rates[key]
     total = sum(per_cell.values())
     return {"cells": per_cell, "serial_seconds": total, "jobs": jobs,

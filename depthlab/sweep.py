@@ -29,7 +29,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import __version__, files
+from . import __version__, files, train
 from .config import Cell, SweepConfig
 from .data import Images, load_images
 from .models import model_size
@@ -196,7 +196,8 @@ class QueueProgress:
         self.events.put(("epoch", cell_id, row))
 
 
-def _train_safely(cell: Cell, images: Any, device: torch.device, config: SweepConfig, out_dir: Path, progress: Any) -> tuple[dict | None, str | None]:
+def _train_safely(cell: Cell, images: Images, device: torch.device, config: SweepConfig, out_dir: Path,
+                  progress: train.Progress) -> tuple[dict | None, str | None]:
     """Train one cell; an unexpected error fails this cell, not the sweep."""
     try:
         return train_cell(cell, images, device, config.runtime, out_dir / CELLS / cell.id, progress), None

@@ -126,11 +126,10 @@ class TrainStep:
             return self._run(x, y)
 
 
-def make_optimizer(model: nn.Module, cell: Cell, device: torch.device) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.SGD:
     """SGD with momentum and weight decay on every parameter; fused kernels on the GPU."""
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(model.parameters(), lr=cell.train.lr, momentum=cell.train.momentum,
-                           weight_decay=cell.train.weight_decay, **fast)
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, **fast)
 
 
 def resolve_compile(mode: str, device: torch.device) -> str:
@@ -225,7 +224,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     model.to(device)
     memory_format = resolve_memory_format(runtime, device)
     model.to(memory_format=memory_format)
-    optimizer = make_optimizer(model, cell, device)
+    optimizer = make_optimizer(model, spec, device)
     normalize = Normalizer(images.train_x, cell.data.normalize)
     bf16 = spec.precision == "bf16"
 
