@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .models import ARCHS, SHORTCUTS, depth_error
+from .options import ARCHS, SHORTCUTS, depth_error
 
 
 class ConfigError(Exception):

@@ -10,16 +10,12 @@ pair without the addition. The two families have identical layers; only the shor
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Arch = Literal["plain", "residual"]
-Shortcut = Literal["A", "B"]
-ARCHS: tuple[str, ...] = ("plain", "residual")
-SHORTCUTS: tuple[str, ...] = ("A", "B")
+from .options import ARCHS, SHORTCUTS, Arch, Shortcut, blocks_per_stage
+
 STAGE_WIDTHS = (16, 32, 64)
 NUM_CLASSES = 10
 
@@ -126,27 +122,6 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def valid_depths(limit: int = 8) -> list[int]:
-    """The first `limit` depths of the form 6n+2."""
-    return [6 * n + 2 for n in range(1, limit + 1)]
-
-
-def depth_error(depth: object) -> str | None:
-    """Why `depth` is not a CIFAR-net depth, or None when it is one."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        listed = ", ".join(map(str, valid_depths(9)))
-        return f"depth must be 6n+2 with n >= 1 ({listed}, …, 110, …); got {depth!r}"
-    return None
-
-
-def blocks_per_stage(depth: int) -> int:
-    """n for a depth of 6n+2; a clear ValueError for any other depth."""
-    problem = depth_error(depth)
-    if problem:
-        raise ValueError(problem)
-    return (depth - 2) // 6
 
 
 def build_model(arch: Arch, depth: int, shortcut: Shortcut = "A") -> CifarNet:

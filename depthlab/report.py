@@ -24,7 +24,7 @@ from rich.table import Table
 
 from . import files
 from .config import Cell, ConfigError, parse_config
-from .models import ARCHS
+from .options import ARCHS
 from .sweep import CELLS, ERROR_LOG, SWEEP_FILE
 from .train import CELL_CONFIG, DONE, METRICS, SUMMARY
 
