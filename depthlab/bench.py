@@ -10,16 +10,48 @@ together), on the same model and batch size, so their ratios are fair.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .config import Cell, RuntimeSpec, TrainSpec
+from .config import Cell, RuntimeSpec, parse_config
 from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
 from .models import build_model
-from .train import TrainStep, configure_device, device_name, epoch_generator, make_optimizer, resolve_compile, resolve_memory_format
+from .train import device_name, epoch_generator, make_step, resolve_compile, resolve_device
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure: one net and recipe, how many steps, and how many cells at once."""
+
+    arch: str = "residual"
+    depth: int = 56
+    shortcut: str = "A"
+    batch_size: int = 128
+    precision: str = "fp32"
+    steps: int = 100
+    warmup: int = 20  # untimed steps first: compilation, cuDNN autotuning
+    jobs: int = 4  # cells at once for the concurrent measurement (1 skips it)
+    device: str = "auto"
+    compile: str = "auto"
+    loader_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # the common way's DataLoader workers
+    baseline: bool = True
+
+    def cell(self) -> Cell:
+        """The benchmarked net as a sweep cell, validated like a config (ConfigError names the bad option)."""
+        document = {"name": "bench", "data": {"source": "synthetic"},
+                    "train": {"batch_size": self.batch_size, "precision": self.precision},
+                    "runtime": {"compile": self.compile, "device": self.device},
+                    "cells": [{"arch": self.arch, "depth": self.depth, "shortcut": self.shortcut, "seed": 0}]}
+        return parse_config(document, source="bench options").cells[0]
+
+    def runtime(self) -> RuntimeSpec:
+        return RuntimeSpec(device=self.device, compile=self.compile)
 
 
 def bench_images(size: int = 10_000) -> Images:
@@ -55,7 +87,7 @@ class _PilDataset(torch.utils.data.Dataset):
 
 
 def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: int, device: torch.device,
-                    images: Images, loader_workers: int = 4) -> float:
+                    images: Images, loader_workers: int) -> float:
     """Images/s of the usual DataLoader + eager fp32 loop (the baseline)."""
     model = build_model(arch, depth).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -81,30 +113,24 @@ def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: 
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def _depthlab_span(arch: str, depth: int, shortcut: str, batch_size: int, precision: str, steps: int, warmup: int,
-                   device: torch.device, runtime: RuntimeSpec, images: Images,
+def _depthlab_span(cell: Cell, steps: int, warmup: int, device: torch.device, runtime: RuntimeSpec, images: Images,
                    ready: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """Wall-clock start and end of `steps` timed steps of train_cell's own step, after `warmup` untimed ones.
 
     `ready` runs between the two (K processes meet there, so that they time the same interval).
     """
-    configure_device(device)
-    torch.manual_seed(0)
-    model = build_model(arch, depth, shortcut).to(device)
-    memory_format = resolve_memory_format(runtime, device)
-    model.to(memory_format=memory_format)
-    spec = TrainSpec(iterations=1, batch_size=batch_size, precision=precision)
-    step = TrainStep(model, make_optimizer(model, spec, device), precision == "bf16", resolve_compile(runtime.compile, device))
-    normalize = Normalizer(images.train_x, "pixel_mean")
+    setup = make_step(cell, device, runtime)
+    batch_size = cell.train.batch_size
+    normalize = Normalizer(images.train_x, cell.data.normalize)
     done, started, epoch = 0, 0.0, 0
     while done < warmup + steps:
-        generator = epoch_generator(0, epoch, device)
+        generator = epoch_generator(cell.seed, epoch, device)
         for index in epoch_batches(len(images.train_y), batch_size, generator, device):
             if done == warmup:
                 _sync(device)
                 ready()
                 started = time.time()
-            step(training_batch(images.train_x, index, normalize, generator, memory_format), images.train_y[index])
+            setup.step(training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
             done += 1
             if done == warmup + steps:
                 break
@@ -113,61 +139,63 @@ def _depthlab_span(arch: str, depth: int, shortcut: str, batch_size: int, precis
     return started, time.time()
 
 
-def depthlab_rate(*, steps: int, batch_size: int, **args: Any) -> float:
+def depthlab_rate(cell: Cell, steps: int, **args: Any) -> float:
     """Images/s of train_cell's own step: device-resident data, batched augmentation, no host syncs."""
-    start, end = _depthlab_span(steps=steps, batch_size=batch_size, **args)
-    return steps * batch_size / (end - start)
+    start, end = _depthlab_span(cell, steps, **args)
+    return steps * cell.train.batch_size / (end - start)
 
 
-def _concurrent_worker(args: dict, jobs: int, barrier: Any, results: Any) -> None:
-    device = torch.device(args["device"])
+def _concurrent_worker(cell: Cell, args: dict, device_name_: str, jobs: int, barrier: Any, results: Any) -> None:
+    device = torch.device(device_name_)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
     images = bench_images().to(device)
-    results.put(_depthlab_span(**dict(args, device=device), images=images, ready=barrier.wait))
+    results.put(_depthlab_span(cell, device=device, images=images, ready=barrier.wait, **args))
 
 
-def concurrent_rate(jobs: int, device: torch.device, **args: Any) -> float:
+def concurrent_rate(cell: Cell, jobs: int, device: torch.device, steps: int, **args: Any) -> float:
     """Aggregate images/s of `jobs` cells trained at once, each in its own process, over the same interval."""
     context = torch.multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(jobs), context.Queue()
-    payload = dict(args, device=str(device))
-    procs = [context.Process(target=_concurrent_worker, args=(payload, jobs, barrier, results)) for _ in range(jobs)]
+    payload = dict(args, steps=steps)
+    procs = [context.Process(target=_concurrent_worker, args=(cell, payload, str(device), jobs, barrier, results)) for _ in range(jobs)]
     for p in procs:
         p.start()
     spans = [results.get() for _ in procs]
     for p in procs:
         p.join()
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
-    return jobs * args["steps"] * args["batch_size"] / wall
+    return jobs * steps * cell.train.batch_size / wall
 
 
-def run_bench(arch: str, depth: int, shortcut: str, batch_size: int, precision: str, steps: int, warmup: int,
-              jobs: int, device: torch.device, runtime: RuntimeSpec, loader_workers: int, baseline: bool = True) -> dict:
+def run_bench(options: BenchOptions) -> dict:
     """All three measurements and their ratios to the baseline."""
+    cell, runtime = options.cell(), options.runtime()
+    device = resolve_device(options.device)
     images = bench_images()
-    common = dict(arch=arch, depth=depth, batch_size=batch_size, steps=steps, warmup=warmup)
-    result: dict[str, Any] = {"model": f"{arch}-{depth}", "batch_size": batch_size, "precision": precision,
-                              "steps": steps, "device": str(device), "device_name": device_name(device),
-                              "torch": torch.__version__, "compile": resolve_compile(runtime.compile, device)}
-    if baseline:
-        result["common_way"] = common_way_rate(device=device, images=images, loader_workers=loader_workers, **common)
-    ours = dict(common, shortcut=shortcut, precision=precision, runtime=runtime)
-    result["single_cell"] = depthlab_rate(device=device, images=images.to(device), **ours)
-    if jobs > 1:
-        result["concurrent"] = concurrent_rate(jobs, device, **ours)
-        result["jobs"] = jobs
-    if baseline:
+    result: dict[str, Any] = {"model": f"{options.arch}-{options.depth}", "batch_size": options.batch_size,
+                              "precision": options.precision, "steps": options.steps, "device": str(device),
+                              "device_name": device_name(device), "torch": torch.__version__,
+                              "compile": resolve_compile(runtime.compile, device)}
+    if options.baseline:
+        result["common_way"] = common_way_rate(options.arch, options.depth, options.batch_size, options.steps, options.warmup,
+                                               device, images, options.loader_workers)
+    timing = dict(steps=options.steps, warmup=options.warmup, runtime=runtime)
+    result["single_cell"] = depthlab_rate(cell, device=device, images=images.to(device), **timing)
+    if options.jobs > 1:
+        result["concurrent"] = concurrent_rate(cell, options.jobs, device, **timing)
+        result["jobs"] = options.jobs
+    if options.baseline:
         for key in ("single_cell", "concurrent"):
             if key in result:
                 result[f"{key}_speedup"] = result[key] / result["common_way"]
     return result
 
 
-def estimate_seconds(cells: list[Cell], device: torch.device, runtime: RuntimeSpec, iterations_of: Any, jobs: int,
-                     steps: int = 20) -> dict[str, float]:
+def estimate_seconds(cells: list[Cell], device: torch.device, runtime: RuntimeSpec, n_train: int, jobs: int,
+                     steps: int = 20) -> dict[str, Any]:
     """Calibrate each distinct model briefly and project each cell's and the sweep's wall time.
 
     The sweep's figure assumes `jobs` cells at once add up linearly: an optimistic bound.
@@ -178,11 +206,9 @@ def estimate_seconds(cells: list[Cell], device: torch.device, runtime: RuntimeSp
     for cell in cells:
         key = (cell.arch, cell.depth, cell.shortcut, cell.train.batch_size, cell.train.precision)
         if key not in rates:
-            arch, depth, shortcut, batch_size, precision = key
-            rates[key] = depthlab_rate(arch=arch, depth=depth, shortcut=shortcut, batch_size=batch_size, precision=precision,
-                                       steps=steps, warmup=5, device=device, runtime=runtime, images=images)
-        per_cell[cell.id] = iterations_of(cell) * cell.train.batch_size / rates[key]
+            probe = dataclasses.replace(cell, seed=0)
+            rates[key] = depthlab_rate(probe, steps=steps, warmup=5, device=device, runtime=runtime, images=images)
+        per_cell[cell.id] = cell.train.run_length(n_train).iterations * cell.train.batch_size / rates[key]
     total = sum(per_cell.values())
     return {"cells": per_cell, "serial_seconds": total, "jobs": jobs,
             "wall_seconds": max(total / jobs, max(per_cell.values(), default=0.0))}
-

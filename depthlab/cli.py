@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError, RuntimeSpec, load_config, with_overrides
+from .config import ConfigError, load_config, with_overrides
 from .data import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -58,6 +58,8 @@ def sweep(
     force: bool = typer.Option(False, "--force", help="Retrain cells whose config changed; their old results move to superseded/."),
 ) -> None:
     """Train every cell of a sweep; re-run the same command to resume after an interruption."""
+    from .display import display_for
+    from .layout import ResultsFolder
     from .report import build_report, print_report, write_report
     from .sweep import default_out_dir, run_sweep
 
@@ -65,7 +67,8 @@ def sweep(
         cfg = _load(config, data, device, jobs)
         out_dir = out or default_out_dir(cfg)
         try:
-            outcome = run_sweep(cfg, out_dir, console, force=force)
+            with display_for(console) as display:
+                outcome = run_sweep(cfg, out_dir, display, force=force)
         except KeyboardInterrupt:
             errors.print(f"\ninterrupted: finished cells are kept and the others continue from their last epoch when you run "
                          f"the same command again (results in {out_dir})")
@@ -79,7 +82,8 @@ def sweep(
         print_report(report, console)
         console.print("wrote " + ", ".join(str(p) for p in written))
     if outcome.failed:
-        errors.print(f"[red]{len(outcome.failed)} cell(s) failed:[/red] {', '.join(outcome.failed)} (see cells/<id>/error.txt)")
+        log = ResultsFolder(outcome.out_dir).cell("<id>").error_log
+        errors.print(f"[red]{len(outcome.failed)} cell(s) failed:[/red] {', '.join(outcome.failed)} (see {log})", highlight=False)
         raise typer.Exit(1)
 
 
@@ -93,24 +97,13 @@ def plan(
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Cells at once, for the estimate."),
 ) -> None:
     """List the cells a sweep will run, with parameters, multiply-accumulates and training compute."""
-    from .plan import cell_iterations, expected_train_images, plan_cells
-    from .sweep import auto_jobs, default_out_dir
+    from .plan import make_plan
+    from .sweep import default_out_dir
 
     with user_errors():
         cfg = _load(config, None, device)
-        rows = plan_cells(cfg, out or default_out_dir(cfg))
-        projection = None
-        if estimate:
-            from .bench import estimate_seconds
-            from .train import resolve_device
-
-            dev = resolve_device(cfg.runtime.device)
-            todo = [c for c, r in zip(cfg.cells, rows) if r["status"] != "finished"]
-            n_train = expected_train_images(cfg.data)
-            k = jobs or (auto_jobs(dev, len(todo)) if cfg.runtime.jobs == "auto" else cfg.runtime.jobs)
-            projection = estimate_seconds(todo, dev, cfg.runtime, lambda c: cell_iterations(c, n_train), k)
-            for row in rows:
-                row["estimated_seconds"] = projection["cells"].get(row["id"], 0.0)
+        result = make_plan(cfg, out or default_out_dir(cfg), estimate=estimate, jobs=jobs)
+    rows, projection = result.rows, result.projection
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -135,12 +128,13 @@ class Format(str, Enum):
 
 
 def _latest_results(root: Path = Path("results")) -> Path:
-    sweeps = [p for p in root.glob("*/") if (p / "cells").is_dir()] if root.is_dir() else []
-    if not sweeps:
-        from .report import ReportError
+    from .layout import latest_results
+    from .report import ReportError
 
+    latest = latest_results(root)
+    if latest is None:
         raise ReportError(f"no sweep results under {root}/: run `depthlab sweep CONFIG` first, or name a results folder")
-    return max(sweeps, key=lambda p: (p / "cells").stat().st_mtime)
+    return latest
 
 
 @app.command()
@@ -158,7 +152,7 @@ def report(
     if fmt is Format.json:
         print(json.dumps(report_json(rep), indent=2))
     elif fmt is Format.markdown:
-        print((folder / "report.md").read_text())
+        print(written[0].read_text())
     else:
         print_report(rep, console)
         console.print("wrote " + ", ".join(str(p) for p in written))
@@ -169,33 +163,30 @@ def bench(
     arch: str = typer.Option("residual", help="plain or residual."),
     depth: int = typer.Option(56, help="A depth 6n+2."),
     shortcut: str = typer.Option("A", help="A or B."),
-    batch_size: int = typer.Option(128, min=1),
+    batch_size: int = typer.Option(128, min=1, help="Images per step."),
     precision: str = typer.Option("fp32", help="fp32 or bf16."),
     steps: int = typer.Option(100, min=1, help="Timed steps per measurement."),
     warmup: int = typer.Option(20, min=0, help="Untimed steps first (compilation, cudnn autotuning)."),
     jobs: int = typer.Option(4, min=1, help="Cells at once for the concurrent measurement (1 skips it)."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     compile_mode: str = typer.Option("auto", "--compile", help="auto, none, default, reduce-overhead or max-autotune."),
-    loader_workers: int = typer.Option(4, min=0, help="DataLoader workers of the common-way baseline."),
+    loader_workers: Optional[int] = typer.Option(None, min=0, help="DataLoader workers of the common-way baseline [default: min(4, CPU cores)]."),
     baseline: bool = typer.Option(True, help="Measure the common-way baseline too."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON."),
 ) -> None:
     """Images/s: the common DataLoader way vs depthlab's single-cell path vs K cells at once."""
-    from .bench import run_bench
-    from .config import parse_config
-    from .train import resolve_device
+    from .bench import BenchOptions, run_bench
 
+    options = BenchOptions(arch=arch, depth=depth, shortcut=shortcut, batch_size=batch_size, precision=precision, steps=steps,
+                           warmup=warmup, jobs=jobs, device=device, compile=compile_mode, baseline=baseline,
+                           **({} if loader_workers is None else {"loader_workers": loader_workers}))
     with user_errors():
-        check = {"name": "bench", "grid": {"arch": arch, "depth": depth, "shortcut": shortcut},
-                 "train": {"batch_size": batch_size, "precision": precision}, "runtime": {"compile": compile_mode, "device": device}}
-        parse_config(check, source="bench options")
-        runtime = RuntimeSpec(device=device, compile=compile_mode)
-        dev = resolve_device(device)
-    result = run_bench(arch, depth, shortcut, batch_size, precision, steps, warmup, jobs, dev, runtime, loader_workers, baseline)
+        options.cell()
+        result = run_bench(options)
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    console.print(f"{result['model']} batch {batch_size} {precision} on {result['device_name']} ({dev}), torch {result['torch']}, "
+    console.print(f"{result['model']} batch {batch_size} {precision} on {result['device_name']} ({result['device']}), torch {result['torch']}, "
                   f"compile: {result['compile']}, {steps} timed steps")
     for key, label in (("common_way", "common way (DataLoader + PIL, eager fp32)"), ("single_cell", "depthlab, one cell"),
                        ("concurrent", f"depthlab, {jobs} cells at once (aggregate)")):

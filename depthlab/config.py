@@ -13,15 +13,21 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from .options import ARCHS, SHORTCUTS, depth_error
+
+
+CIFAR10_TRAIN_IMAGES = 50_000
+SYNTHETIC_TRAIN_IMAGES = 1_000  # the synthetic set's size when data.train_size is not given
+SYNTHETIC_TEST_IMAGES = 500
 
 
 class ConfigError(Exception):
@@ -48,6 +54,11 @@ class DataSpec:
         """What makes two runs see the same data (the path may differ between machines)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("path", "download")}
 
+    def expected_train_images(self) -> int:
+        """Training images a sweep will see, known without loading them (a folder dataset is assumed CIFAR-sized)."""
+        default = SYNTHETIC_TRAIN_IMAGES if self.source == "synthetic" else CIFAR10_TRAIN_IMAGES
+        return (self.train_size or default) - self.val_split
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -72,6 +83,23 @@ class TrainSpec:
         if self.milestones is not None:
             return list(self.milestones)
         return sorted({p for p in (length // 2, length * 3 // 4) if 0 < p < length})
+
+    def run_length(self, n_train: int) -> "RunLength":
+        """How long this recipe trains on `n_train` images (the last partial batch of an epoch is dropped)."""
+        per_epoch = n_train // self.batch_size
+        if per_epoch < 1:
+            raise ValueError(f"{n_train} training images are fewer than one batch of {self.batch_size}")
+        iterations = self.iterations if self.iterations is not None else self.epochs * per_epoch
+        return RunLength(iterations=iterations, epochs=math.ceil(iterations / per_epoch), iterations_per_epoch=per_epoch)
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """A cell's length: its iterations, the epochs they span (the last may be partial) and iterations per epoch."""
+
+    iterations: int
+    epochs: int
+    iterations_per_epoch: int
 
 
 @dataclass(frozen=True)
@@ -128,12 +156,25 @@ class Cell:
 
 @dataclass(frozen=True)
 class SweepConfig:
+    """A validated sweep: its cells (the grid expanded) and how to run them."""
+
     name: str
     data: DataSpec
     runtime: RuntimeSpec
     cells: list[Cell]
     source: str = "<config>"
-    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    description: Optional[str] = None
+
+    def to_document(self) -> dict[str, Any]:
+        """The sweep as a YAML document with every cell spelled out: `parse_config` of it gives the same cells."""
+        document: dict[str, Any] = {"name": self.name}
+        if self.description:
+            document["description"] = self.description
+        document["data"] = dataclasses.asdict(self.data)
+        document["runtime"] = dataclasses.asdict(self.runtime)
+        document["cells"] = [{"arch": c.arch, "depth": c.depth, "seed": c.seed, "shortcut": c.shortcut,
+                              **dataclasses.asdict(c.train)} for c in self.cells]
+        return document
 
 
 CELL_KEYS = ("arch", "depth", "seed", "shortcut")
@@ -374,7 +415,9 @@ def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
         raise ConfigError(source, "grid", "no cells: give a grid (arch, depth, seed, …) or a list of cells")
 
     cells = _name_variants([_make_cell(options, base, default_shortcut, data, source, where) for options, where in combos])
-    return SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source, raw=raw)
+    description = raw.get("description")
+    return SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source,
+                       description=description if isinstance(description, str) else None)
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -395,16 +438,15 @@ def load_config(path: str | Path) -> SweepConfig:
 def with_overrides(config: SweepConfig, data_path: str | None = None, device: str | None = None,
                    jobs: int | None = None) -> SweepConfig:
     """The config with command-line choices applied; none of them changes what a cell means."""
-    data, runtime, raw = config.data, config.runtime, dict(config.raw)
+    data, runtime = config.data, config.runtime
     if data_path is not None:
         if data.source == "synthetic":
             raise ConfigError(config.source, "data.source", "is 'synthetic': --data does not apply (set data.source to cifar10 or folder)")
         data = dataclasses.replace(data, path=data_path)
-        raw["data"] = {**(raw.get("data") or {}), "path": data_path}
     if device is not None:
         runtime = dataclasses.replace(runtime, device=device)
     if jobs is not None:
         runtime = dataclasses.replace(runtime, jobs=jobs)
     _validate_runtime(runtime, "--device")
     cells = [dataclasses.replace(cell, data=data) for cell in config.cells]
-    return dataclasses.replace(config, data=data, runtime=runtime, cells=cells, raw=raw)
+    return dataclasses.replace(config, data=data, runtime=runtime, cells=cells)

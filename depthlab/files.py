@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -46,6 +44,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
+    import torch  # here, not at the top: the report reads results without loading torch
+
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -1,38 +1,60 @@
-"""What a sweep will run: its cells, their size, and the compute they need."""
+"""What a sweep will run: its cells, their size, the compute they need, and (measured here) how long."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
-from .config import Cell, DataSpec, SweepConfig
+from .config import SweepConfig
+from .layout import CellState
 from .models import model_size
-from .sweep import cell_status
-
-CIFAR10_TRAIN_IMAGES = 50_000
-SYNTHETIC_TRAIN_IMAGES = 1_000
+from .sweep import auto_jobs, cell_state
 
 
-def expected_train_images(data: DataSpec) -> int:
-    """Training images the sweep will see, without loading them (folder datasets: CIFAR's size assumed)."""
-    default = SYNTHETIC_TRAIN_IMAGES if data.source == "synthetic" else CIFAR10_TRAIN_IMAGES
-    return (data.train_size or default) - data.val_split
+@dataclass
+class Plan:
+    """One row per cell, and the projected wall time when it was estimated."""
+
+    rows: list[dict[str, Any]]
+    projection: Optional[dict[str, Any]] = None
 
 
-def cell_iterations(cell: Cell, n_train: int) -> int:
-    spec = cell.train
-    return spec.iterations if spec.iterations is not None else spec.epochs * (n_train // spec.batch_size)
-
-
-def plan_cells(config: SweepConfig, out_dir: Path) -> list[dict]:
+def plan_cells(config: SweepConfig, out_dir: Path) -> list[dict[str, Any]]:
     """One row per cell: model size, forward MACs per image, training compute and current status."""
-    n_train = expected_train_images(config.data)
+    n_train = config.data.expected_train_images()
     rows = []
     for cell in config.cells:
         params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
-        iterations = cell_iterations(cell, n_train)
-        images = iterations * cell.train.batch_size
+        length = cell.train.run_length(n_train)
+        images = length.iterations * cell.train.batch_size
+        state = cell_state(out_dir, cell)
         rows.append({"id": cell.id, "arch": cell.arch, "depth": cell.depth, "seed": cell.seed, "shortcut": cell.shortcut,
-                     "params": params, "macs": macs, "iterations": iterations, "epochs": images / n_train,
+                     "params": params, "macs": macs, "iterations": length.iterations, "epochs": images / n_train,
                      "train_flops": 3 * 2 * macs * images,  # forward + backward ≈ 3 forwards, 2 FLOPs per MAC
-                     "status": cell_status(out_dir, cell)})
+                     "status": _plan_status(state), "state": state.value})
     return rows
+
+
+def _plan_status(state: CellState) -> str:
+    """`status` as plan has always printed it: finished (ended), partial, stale or pending."""
+    if state.ended:
+        return "finished"
+    return {CellState.FAILED: "partial", CellState.PARTIAL: "partial", CellState.STALE: "stale"}.get(state, "pending")
+
+
+def make_plan(config: SweepConfig, out_dir: Path, estimate: bool = False, jobs: Optional[int] = None) -> Plan:
+    """The plan; with `estimate`, each distinct model is timed briefly on the config's device to project the wall time."""
+    rows = plan_cells(config, out_dir)
+    if not estimate:
+        return Plan(rows)
+    from .bench import estimate_seconds
+    from .train import resolve_device
+
+    device = resolve_device(config.runtime.device)
+    todo = [cell for cell, row in zip(config.cells, rows) if row["status"] != "finished"]
+    k = jobs or (auto_jobs(device, len(todo)) if config.runtime.jobs == "auto" else config.runtime.jobs)
+    projection = estimate_seconds(todo, device, config.runtime, config.data.expected_train_images(), k)
+    for row in rows:
+        row["estimated_seconds"] = projection["cells"].get(row["id"], 0.0)
+    return Plan(rows, projection)

@@ -24,12 +24,10 @@ from rich.table import Table
 
 from . import files
 from .config import Cell, ConfigError, parse_config
+from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
-from .sweep import CELLS, ERROR_LOG, SWEEP_FILE
-from .train import CELL_CONFIG, DONE, METRICS, SUMMARY
 
 MIN_GAP = 0.5  # percentage points: a smaller rise of the training error is not called degradation
-REPORT_MD, REPORT_CSV, FIGURE_PNG = "report.md", "report.csv", "figure6.png"
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
 KEYS = ["arch", "depth", "variant"]
 ERRORS = ("train_err", "clean_train_err", "test_err", "val_err")
@@ -60,18 +58,23 @@ class _CellRecord:
     """What one cell folder (or one expected cell without a folder) says about that cell."""
 
     id: str
-    status: str  # finished | diverged | running | failed | stale | not started
+    state: CellState
     summary: Optional[dict[str, Any]] = None
     metrics: Optional[pd.DataFrame] = None
     epochs_total: Optional[int] = None
+
+    @property
+    def status(self) -> str:
+        """The state in the report's published words (`missing[].status`): 'not started' and 'running' for pending and partial."""
+        return {CellState.PENDING: "not started", CellState.PARTIAL: "running"}.get(self.state, self.state.value)
 
 
 # ----------------------------------------------------------------------------- reading the folder
 
 
-def _expected_cells(results_dir: Path) -> tuple[Optional[str], dict[str, Cell]]:
+def _expected_cells(results: ResultsFolder) -> tuple[Optional[str], dict[str, Cell]]:
     """The sweep's name and cells from its sweep.yaml, or (None, {}) when there is none."""
-    path = results_dir / SWEEP_FILE
+    path = results.sweep_file
     if not path.is_file():
         return None, {}
     try:
@@ -81,74 +84,27 @@ def _expected_cells(results_dir: Path) -> tuple[Optional[str], dict[str, Cell]]:
     return config.name, {cell.id: cell for cell in config.cells}
 
 
-def _read_metrics(folder: Path) -> Optional[pd.DataFrame]:
-    path = folder / METRICS
-    if not path.is_file():
-        return None
-    return pd.read_csv(path)
+def _read_cell(folder: CellFolder, expected: Optional[Cell]) -> _CellRecord:
+    """A cell's state as the sweep sees it (stale when trained under another configuration than sweep.yaml's)."""
+    state = folder.state(expected.fingerprint() if expected is not None else None)
+    metrics = pd.read_csv(folder.metrics) if folder.metrics.is_file() else None
+    if state.ended:
+        return _CellRecord(folder.id, state, folder.read_summary(), metrics)
+    total = folder.read_config().get("run_length", {}).get("epochs")
+    if total is None and expected is not None:  # not started yet: a recipe in epochs still says how long it will be
+        total = expected.train.epochs
+    return _CellRecord(folder.id, state, metrics=metrics, epochs_total=total)
 
 
-def _total_epochs(train: Optional[dict[str, Any]], metrics: Optional[pd.DataFrame]) -> Optional[int]:
-    """A cell's length in epochs; a run set in iterations needs one logged epoch to know its size."""
-    if not train:
-        return None
-    if train.get("epochs"):
-        return int(train["epochs"])
-    if metrics is None or metrics.empty:
-        return None
-    first = metrics.iloc[0]
-    return math.ceil(train["iterations"] / (first["iteration"] / first["epoch"]))
-
-
-def _recipe(folder: Path, expected: Optional[Cell]) -> Optional[dict[str, Any]]:
-    """A cell's training recipe (its `train` mapping), from sweep.yaml or else its config.json."""
-    if expected is not None:
-        return expected.to_dict()["train"]
-    if (folder / CELL_CONFIG).is_file():
-        return files.read_json(folder / CELL_CONFIG).get("train")
-    return None
-
-
-def _fingerprint_of(folder: Path) -> Optional[str]:
-    """The configuration a cell folder was (or is being) trained under: DONE's, else config.json's."""
-    if (folder / DONE).is_file():
-        return (folder / DONE).read_text().strip()
-    if (folder / CELL_CONFIG).is_file():
-        return files.read_json(folder / CELL_CONFIG).get("fingerprint")
-    return None
-
-
-def _failed(folder: Path) -> bool:
-    """An error log newer than the last epoch: the sweep's last attempt at this cell crashed."""
-    log, metrics = folder / ERROR_LOG, folder / METRICS
-    return log.is_file() and (not metrics.is_file() or log.stat().st_mtime >= metrics.stat().st_mtime)
-
-
-def _read_cell(folder: Path, expected: Optional[Cell]) -> _CellRecord:
-    """A cell's state; a folder trained under another configuration than sweep.yaml's is stale, as for the sweep."""
-    metrics = _read_metrics(folder)
-    fingerprint = _fingerprint_of(folder)
-    if expected is not None and fingerprint is not None and fingerprint != expected.fingerprint():
-        return _CellRecord(folder.name, "stale", metrics=metrics)
-    if (folder / DONE).is_file() and (folder / SUMMARY).is_file():
-        summary = files.read_json(folder / SUMMARY)
-        return _CellRecord(folder.name, summary["status"], summary, metrics)
-    if fingerprint is None and metrics is None and not (folder / ERROR_LOG).is_file():
-        return _CellRecord(folder.name, "not started")
-    status = "failed" if _failed(folder) else "running"
-    return _CellRecord(folder.name, status, metrics=metrics, epochs_total=_total_epochs(_recipe(folder, expected), metrics))
-
-
-def _read_cells(results_dir: Path, expected: dict[str, Cell]) -> list[_CellRecord]:
+def _read_cells(results: ResultsFolder, expected: dict[str, Cell]) -> list[_CellRecord]:
     """Every cell on disk plus every expected cell, in the sweep's order, then the others by name."""
-    cells_dir = results_dir / CELLS
-    if not cells_dir.is_dir():
-        raise ReportError(f"{results_dir}: no '{CELLS}' folder, so no results yet; run `depthlab sweep CONFIG` first")
-    on_disk = {p.name: p for p in sorted(cells_dir.iterdir()) if p.is_dir()}
+    if not results.cells_dir.is_dir():
+        raise ReportError(f"{results.path}: no '{results.cells_dir.name}' folder, so no results yet; run `depthlab sweep CONFIG` first")
+    on_disk = {folder.id: folder for folder in results.cells_on_disk()}
     if not on_disk and not expected:
-        raise ReportError(f"{cells_dir} is empty: no results yet; run `depthlab sweep CONFIG` first")
+        raise ReportError(f"{results.cells_dir} is empty: no results yet; run `depthlab sweep CONFIG` first")
     order = list(expected) + [name for name in on_disk if name not in expected]
-    return [_read_cell(on_disk[name], expected.get(name)) if name in on_disk else _CellRecord(name, "not started")
+    return [_read_cell(on_disk[name], expected.get(name)) if name in on_disk else _CellRecord(name, CellState.PENDING)
             for name in order]
 
 
@@ -165,12 +121,12 @@ def _cell_frame(records: list[_CellRecord]) -> pd.DataFrame:
     """One row per cell that ended (finished or diverged), with its final numbers."""
     rows = []
     for rec in records:
-        if rec.status not in ("finished", "diverged"):
+        if not rec.state.ended:
             continue
         s = rec.summary
         final = s.get("final", {})
         rows.append({"arch": s["arch"], "depth": s["depth"], "variant": _variant(s), "seed": s["seed"],
-                     "status": rec.status, "params": s.get("params"), "epochs": s.get("epochs"),
+                     "status": rec.state.value, "params": s.get("params"), "epochs": s.get("epochs"),
                      "iterations": s.get("iterations"), **{e: final.get(e) for e in ERRORS}})
     columns = KEYS + ["seed", "status", "params", "epochs", "iterations", *ERRORS]
     return pd.DataFrame(rows, columns=columns).astype({e: float for e in ERRORS})
@@ -195,7 +151,7 @@ def _aggregate(cells: pd.DataFrame) -> pd.DataFrame:
 def _curves(records: list[_CellRecord]) -> pd.DataFrame:
     """Per (arch, depth, variant, epoch): the mean over finished seeds of iteration and errors."""
     frames = [rec.metrics.assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
-              for rec in records if rec.status == "finished" and rec.metrics is not None]
+              for rec in records if rec.state is CellState.FINISHED and rec.metrics is not None]
     if not frames:
         return pd.DataFrame(columns=CURVE_COLUMNS)
     values = CURVE_COLUMNS[len(KEYS) + 1:]
@@ -206,13 +162,13 @@ def _missing(records: list[_CellRecord]) -> list[dict[str, Any]]:
     """Cells the means leave out and why, with their progress where it is known."""
     out = []
     for rec in records:
-        if rec.status == "finished":
+        if rec.state is CellState.FINISHED:
             continue
-        entry: dict[str, Any] = {"id": rec.id, "status": rec.status}
-        if rec.status in ("running", "failed"):
+        entry: dict[str, Any] = {"id": rec.id, "status": rec.status, "state": rec.state.value}
+        if rec.state in (CellState.PARTIAL, CellState.FAILED):
             entry["epochs_done"] = 0 if rec.metrics is None else len(rec.metrics)
             entry["epochs_total"] = rec.epochs_total
-        elif rec.status == "diverged":
+        elif rec.state is CellState.DIVERGED:
             entry["epochs_done"] = rec.summary.get("epochs")
         out.append(entry)
     return out
@@ -257,8 +213,9 @@ def build_report(results_dir: Path) -> Report:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ReportError(f"{results_dir}: no such folder; run `depthlab sweep CONFIG` first")
-    name, expected = _expected_cells(results_dir)
-    records = _read_cells(results_dir, expected)
+    results = ResultsFolder(results_dir)
+    name, expected = _expected_cells(results)
+    records = _read_cells(results, expected)
     rows = _aggregate(_cell_frame(records))
     return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(rows),
                   missing=_missing(records), curves=_curves(records))
@@ -337,7 +294,7 @@ def _missing_line(entry: dict[str, Any]) -> str:
     elif status == "diverged":
         status += f" after {entry['epochs_done']} epochs"
     elif status == "failed":
-        status += f" after {entry['epochs_done']} epochs (see {CELLS}/{entry['id']}/{ERROR_LOG})"
+        status += f" after {entry['epochs_done']} epochs (see {ResultsFolder(Path('.')).cell(entry['id']).error_log})"
     elif status == "stale":
         status += " (trained under another configuration than sweep.yaml; `depthlab sweep --force` retrains it)"
     return f"{entry['id']}: {status}"
@@ -380,7 +337,8 @@ def _markdown(report: Report) -> str:
     if report.missing:
         text += ["## Missing", "", "Not in the means above:", ""]
         text += [f"- {_missing_line(entry)}" for entry in report.missing] + [""]
-    text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({FIGURE_PNG})", ""]
+    figure = ResultsFolder(Path(".")).figure.name
+    text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({figure})", ""]
     return "\n".join(text)
 
 
@@ -429,8 +387,8 @@ def _write_png(path: Path, fig: Figure) -> None:
 
 def write_report(report: Report, results_dir: Path) -> list[Path]:
     """Write report.md, report.csv and figure6.png into `results_dir`; return their paths."""
-    results_dir = Path(results_dir)
-    md, csv, png = results_dir / REPORT_MD, results_dir / REPORT_CSV, results_dir / FIGURE_PNG
+    results = ResultsFolder(Path(results_dir))
+    md, csv, png = results.report_md, results.report_csv, results.figure
     files.write_text(md, _markdown(report))
     files.write_text(csv, report.rows.to_csv(index=False))
     _write_png(png, figure6(report))

@@ -13,7 +13,7 @@ import math
 import platform
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -24,17 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import files
-from .config import Cell, RuntimeSpec, TrainSpec
+from .config import Cell, RunLength, RuntimeSpec, TrainSpec
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
+from .layout import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_model, model_size
 
-METRIC_COLUMNS = ("epoch", "iteration", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_loss", "val_err", "seconds")
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
-DONE, SUMMARY, METRICS, CHECKPOINT, CELL_CONFIG, WEIGHTS = "DONE", "summary.json", "metrics.csv", "checkpoint.pt", "config.json", "model.pt"
 
 
-class Progress(Protocol):
-    """Receives a cell's progress (a rich display, a log, or a queue to the sweep's process)."""
+class CellEvents(Protocol):
+    """What a training cell reports while it runs (the sweep forwards it to a display)."""
 
     def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None: ...
     def epoch_done(self, cell_id: str, row: dict) -> None: ...
@@ -84,10 +83,10 @@ class Schedule:
     warmup_until_err: float
 
     @classmethod
-    def for_cell(cls, spec: TrainSpec, iters_per_epoch: int) -> "Schedule":
-        per = 1 if spec.iterations is not None else iters_per_epoch
-        total = spec.iterations if spec.iterations is not None else spec.epochs * iters_per_epoch
-        return cls(spec.lr, spec.lr_decay, [m * per for m in spec.decay_points()], total, spec.warmup_lr, spec.warmup_until_err)
+    def for_cell(cls, spec: TrainSpec, length: RunLength) -> "Schedule":
+        per = 1 if spec.iterations is not None else length.iterations_per_epoch
+        return cls(spec.lr, spec.lr_decay, [m * per for m in spec.decay_points()], length.iterations, spec.warmup_lr,
+                   spec.warmup_until_err)
 
     def lr_at(self, iteration: int, warming_up: bool) -> float:
         if warming_up and self.warmup_lr is not None:
@@ -167,120 +166,165 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule, state: dict,
-                warmup_until_err: float, device: torch.device) -> tuple[float, float, float]:
+@dataclass
+class TrainState:
+    """The loop's progress, saved in each checkpoint: enough to continue exactly where it stopped."""
+
+    epoch: int = 0
+    iteration: int = 0
+    rows: list[dict] = field(default_factory=list)  # metrics.csv so far
+    warming_up: bool = False
+    train_seconds: float = 0.0
+
+
+@dataclass
+class TrainingSetup:
+    """What one cell trains with: the model, its optimizer, the step, and the input layout."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    memory_format: torch.memory_format
+
+
+def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec) -> TrainingSetup:
+    """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use."""
+    configure_device(device)
+    torch.manual_seed(cell.seed)
+    model = build_model(cell.arch, cell.depth, cell.shortcut).to(device)
+    memory_format = resolve_memory_format(runtime, device)
+    model.to(memory_format=memory_format)
+    optimizer = make_optimizer(model, cell.train, device)
+    step = TrainStep(model, optimizer, cell.train.precision == "bf16", resolve_compile(runtime.compile, device))
+    return TrainingSetup(model, optimizer, step, memory_format)
+
+
+def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
+                state: TrainState, device: torch.device) -> tuple[float, float, float]:
     """One pass over the batches (or what is left of the iteration budget): running loss, error % and the last lr.
 
-    Loss and errors are summed on the device and read once at the end. During a warm-up the
-    error of each window of WARMUP_CHECK_EVERY batches is read to decide when it ends; windows
-    restart with each epoch, so a run resumed at an epoch boundary decides exactly as before.
+    Advances `state.iteration` and ends the warm-up in `state`. Loss and errors are summed on the
+    device and read once at the end. During a warm-up the error of each window of
+    WARMUP_CHECK_EVERY batches is read to decide when it ends; windows restart with each epoch,
+    so a run resumed at an epoch boundary decides exactly as before.
     """
     loss_sum = torch.zeros((), device=device)
     errors = torch.zeros((), device=device, dtype=torch.long)
     window_errors = torch.zeros((), device=device, dtype=torch.long)
     seen = window_seen = 0
-    lr = schedule.lr_at(state["iteration"], state["warming_up"])
+    lr = schedule.lr_at(state.iteration, state.warming_up)
     for x, y in batches:
-        if state["iteration"] >= schedule.total:
+        if state.iteration >= schedule.total:
             break
-        lr = schedule.lr_at(state["iteration"], state["warming_up"])
+        lr = schedule.lr_at(state.iteration, state.warming_up)
         for group in step.optimizer.param_groups:
             group["lr"] = lr
         loss, wrong = step(x, y)
         loss_sum += loss * len(y)
         errors += wrong
         seen += len(y)
-        state["iteration"] += 1
-        if state["warming_up"]:
+        state.iteration += 1
+        if state.warming_up:
             window_errors += wrong
             window_seen += len(y)
             if window_seen == WARMUP_CHECK_EVERY * len(y):  # the only host syncs, and only during warm-up
-                state["warming_up"] = 100.0 * window_errors.item() / window_seen >= warmup_until_err
+                state.warming_up = 100.0 * window_errors.item() / window_seen >= schedule.warmup_until_err
                 window_errors.zero_()
                 window_seen = 0
     total_loss, wrong_count = torch.stack([loss_sum, errors.float()]).tolist()
     return total_loss / seen, 100.0 * wrong_count / seen, lr
 
 
+def _resume(folder: CellFolder, cell: Cell, setup: TrainingSetup, device: torch.device) -> TrainState:
+    """The state saved after the last finished epoch (weights and optimizer restored), or a fresh one."""
+    if not folder.checkpoint.is_file():
+        return TrainState(warming_up=cell.train.warmup_lr is not None)
+    saved = torch.load(folder.checkpoint, map_location=device, weights_only=False)
+    if saved["fingerprint"] != cell.fingerprint():
+        raise RuntimeError(f"{folder.checkpoint} belongs to a different configuration of {cell.id}")
+    setup.model.load_state_dict(saved["model"])
+    setup.optimizer.load_state_dict(saved["optimizer"])
+    return TrainState(**saved["state"])
+
+
+def _save_epoch(folder: CellFolder, cell: Cell, setup: TrainingSetup, state: TrainState) -> None:
+    """metrics.csv and the checkpoint after an epoch, each written atomically."""
+    files.write_text(folder.metrics, pd.DataFrame(state.rows, columns=list(METRIC_COLUMNS)).to_csv(index=False))
+    files.save_torch(folder.checkpoint, {"fingerprint": cell.fingerprint(), "model": setup.model.state_dict(),
+                                         "optimizer": setup.optimizer.state_dict(), "state": asdict(state)})
+
+
 def train_cell(cell: Cell, images: Images, device: torch.device, runtime: RuntimeSpec, cell_dir: Path,
-               progress: Progress | None = None, stop_after_epochs: int | None = None) -> dict:
+               events: CellEvents | None = None, stop_after_epochs: int | None = None) -> dict:
     """Train `cell` on `images` (already on `device`), writing metrics, checkpoints and a summary to `cell_dir`.
 
-    Resumes from `cell_dir/checkpoint.pt` when one exists. `stop_after_epochs` ends the call early
+    Resumes from the cell's checkpoint when one exists. `stop_after_epochs` ends the call early
     (as an interruption would), leaving the checkpoint for a later call to continue from.
     """
+    folder = CellFolder(cell_dir)
     spec = cell.train
     n_train = len(images.train_y)
-    if n_train < spec.batch_size:
-        raise ValueError(f"{cell.id}: {n_train} training images are fewer than one batch of {spec.batch_size}")
-    iters_per_epoch = n_train // spec.batch_size
-    schedule = Schedule.for_cell(spec, iters_per_epoch)
-    total_epochs = math.ceil(schedule.total / iters_per_epoch)
-
-    configure_device(device)
-    params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
-    torch.manual_seed(cell.seed)  # the initial weights are a function of the seed alone
-    model = build_model(cell.arch, cell.depth, cell.shortcut)
-    model.to(device)
-    memory_format = resolve_memory_format(runtime, device)
-    model.to(memory_format=memory_format)
-    optimizer = make_optimizer(model, spec, device)
+    try:
+        length = spec.run_length(n_train)
+    except ValueError as err:
+        raise ValueError(f"{cell.id}: {err}") from None
+    schedule = Schedule.for_cell(spec, length)
+    setup = make_step(cell, device, runtime)
     normalize = Normalizer(images.train_x, cell.data.normalize)
     bf16 = spec.precision == "bf16"
 
-    state = {"epoch": 0, "iteration": 0, "rows": [], "warming_up": spec.warmup_lr is not None, "train_seconds": 0.0}
-    checkpoint = cell_dir / CHECKPOINT
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        if saved["fingerprint"] != cell.fingerprint():
-            raise RuntimeError(f"{checkpoint} belongs to a different configuration of {cell.id}")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-    files.write_json(cell_dir / CELL_CONFIG, {**cell.to_dict(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path})
-    if progress:
-        progress.cell_started(cell.id, total_epochs, state["epoch"])
+    def evaluate_on(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        return evaluate(setup.model, x, y, normalize, runtime.eval_batch_size, bf16)
 
-    step = TrainStep(model, optimizer, bf16, resolve_compile(runtime.compile, device))
+    state = _resume(folder, cell, setup, device)
+    files.write_json(folder.config, {**cell.to_dict(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path,
+                                     "run_length": asdict(length)})
+    if events:
+        events.cell_started(cell.id, length.epochs, state.epoch)
+
     diverged = False
     epochs_this_call = 0
-    while state["iteration"] < schedule.total and not diverged:
+    while state.iteration < schedule.total and not diverged:
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-            return {"id": cell.id, "status": "interrupted", "epochs": state["epoch"]}
+            return {"id": cell.id, "status": "interrupted", "epochs": state.epoch}
         started = time.perf_counter()
-        model.train()
-        generator = epoch_generator(cell.seed, state["epoch"], device)
-        batches = ((training_batch(images.train_x, index, normalize, generator, memory_format), images.train_y[index])
+        setup.model.train()
+        generator = epoch_generator(cell.seed, state.epoch, device)
+        batches = ((training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
                    for index in epoch_batches(n_train, spec.batch_size, generator, device))
-        train_loss, train_err, lr = train_epoch(step, batches, schedule, state, spec.warmup_until_err, device)
+        train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device)
         diverged = not math.isfinite(train_loss)
-        state["train_seconds"] += time.perf_counter() - started
-        row = {"epoch": state["epoch"] + 1, "iteration": state["iteration"], "lr": lr,
-               "train_loss": train_loss, "train_err": train_err}
-        row["test_loss"], row["test_err"] = evaluate(model, images.test_x, images.test_y, normalize, runtime.eval_batch_size, bf16)
+        state.train_seconds += time.perf_counter() - started
+        row = {"epoch": state.epoch + 1, "iteration": state.iteration, "lr": lr, "train_loss": train_loss, "train_err": train_err}
+        row["test_loss"], row["test_err"] = evaluate_on(images.test_x, images.test_y)
         if images.val_y is not None:
-            row["val_loss"], row["val_err"] = evaluate(model, images.val_x, images.val_y, normalize, runtime.eval_batch_size, bf16)
+            row["val_loss"], row["val_err"] = evaluate_on(images.val_x, images.val_y)
         row["seconds"] = time.perf_counter() - started
-        state["epoch"] += 1
-        state["rows"].append(row)
+        state.epoch += 1
+        state.rows.append(row)
         epochs_this_call += 1
-        files.write_text(cell_dir / METRICS, pd.DataFrame(state["rows"], columns=list(METRIC_COLUMNS)).to_csv(index=False))
-        files.save_torch(checkpoint, {"fingerprint": cell.fingerprint(), "model": model.state_dict(),
-                                      "optimizer": optimizer.state_dict(), "state": state})
-        if progress:
-            progress.epoch_done(cell.id, row)
+        _save_epoch(folder, cell, setup, state)
+        if events:
+            events.epoch_done(cell.id, row)
 
-    summary = {**cell.to_dict(), "fingerprint": cell.fingerprint(), "status": "diverged" if diverged else "finished",
-               "params": params, "macs": macs, "epochs": state["epoch"], "iterations": state["iteration"],
-               "train_seconds": state["train_seconds"], "device": str(device), "device_name": device_name(device),
-               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "final": {k: v for k, v in state["rows"][-1].items() if k not in ("epoch", "iteration", "lr", "seconds")}}
+    summary = _summary(cell, state, diverged, device)
     if not diverged:
-        clean_loss, clean_err = evaluate(model, images.train_x, images.train_y, normalize, runtime.eval_batch_size, bf16)
+        clean_loss, clean_err = evaluate_on(images.train_x, images.train_y)
         summary["final"].update(clean_train_loss=clean_loss, clean_train_err=clean_err)
-        files.save_torch(cell_dir / WEIGHTS, model.state_dict())
-    summary["images_per_second"] = state["iteration"] * spec.batch_size / max(state["train_seconds"], 1e-9)
-    files.write_json(cell_dir / SUMMARY, summary)
-    files.write_text(cell_dir / DONE, cell.fingerprint() + "\n")
-    checkpoint.unlink(missing_ok=True)
+        files.save_torch(folder.weights, setup.model.state_dict())
+    files.write_json(folder.summary, summary)
+    folder.mark_done(cell.fingerprint())
+    folder.checkpoint.unlink(missing_ok=True)
     return summary
+
+
+def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device) -> Summary:
+    """summary.json of an ended cell (the clean training error is added by the caller when there is one)."""
+    params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
+    last = state.rows[-1]
+    return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
+                   params=params, macs=macs, epochs=state.epoch, iterations=state.iteration,
+                   train_seconds=state.train_seconds, device=str(device), device_name=device_name(device),
+                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   images_per_second=state.iteration * cell.train.batch_size / max(state.train_seconds, 1e-9),
+                   final={k: v for k, v in last.items() if k not in ("epoch", "iteration", "lr", "seconds")})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,8 +15,8 @@ from rich.console import Console
 
 from depthlab import files
 from depthlab.config import Cell, parse_config
-from depthlab.report import ERROR_LOG, MIN_GAP, ReportError, build_report, print_report, report_json, write_report
-from depthlab.train import CELL_CONFIG, DONE, METRICS, METRIC_COLUMNS, SUMMARY
+from depthlab.layout import METRIC_COLUMNS, CellFolder, ResultsFolder, Summary
+from depthlab.report import MIN_GAP, ReportError, build_report, print_report, report_json, write_report
 
 EPOCHS, ITERS_PER_EPOCH = 4, 100
 
@@ -40,8 +41,9 @@ def cell(arch: str, depth: int, seed: int = 0, **options) -> Cell:
 
 
 def write_sweep(results: Path, raw: dict) -> dict[str, Cell]:
-    files.write_text(results / "sweep.yaml", yaml.safe_dump(raw))
-    (results / "cells").mkdir(parents=True, exist_ok=True)
+    folder = ResultsFolder(results)
+    files.write_text(folder.sweep_file, yaml.safe_dump(raw))
+    folder.cells_dir.mkdir(parents=True, exist_ok=True)
     return cells_of(raw)
 
 
@@ -56,35 +58,41 @@ def metrics_rows(epochs: int, train_err: float, test_err: float) -> list[dict]:
     return rows
 
 
-def write_metrics(folder: Path, rows: list[dict]) -> None:
-    files.write_text(folder / METRICS, pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).to_csv(index=False))
+def write_metrics(folder: CellFolder, rows: list[dict]) -> None:
+    files.write_text(folder.metrics, pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).to_csv(index=False))
+
+
+def write_cell_config(folder: CellFolder, c: Cell) -> None:
+    """config.json as train_cell writes it, for a training set of ITERS_PER_EPOCH batches."""
+    length = c.train.run_length(ITERS_PER_EPOCH * c.train.batch_size)
+    files.write_json(folder.config, {**c.to_dict(), "fingerprint": c.fingerprint(), "run_length": dataclasses.asdict(length)})
 
 
 def finish(results: Path, c: Cell, train_err: float, test_err: float | None = None, clean_err: float | None = None,
            status: str = "finished", fingerprint: str | None = None) -> Path:
     """A completed cell folder: config, metrics, summary and DONE."""
-    folder = results / "cells" / c.id
+    folder = ResultsFolder(results).cell(c.id)
     test_err = train_err + 2 if test_err is None else test_err
     clean_err = train_err - 1 if clean_err is None else clean_err
-    files.write_json(folder / CELL_CONFIG, {**c.to_dict(), "fingerprint": c.fingerprint()})
+    write_cell_config(folder, c)
     write_metrics(folder, metrics_rows(EPOCHS, train_err, test_err))
     final = {"train_loss": 0.5, "train_err": train_err, "test_loss": 0.6, "test_err": test_err}
     if status == "finished":
         final.update(clean_train_loss=0.4, clean_train_err=clean_err)
-    files.write_json(folder / SUMMARY, {**c.to_dict(), "status": status, "params": 1000 * c.depth, "macs": 1,
-                                        "epochs": EPOCHS, "iterations": EPOCHS * ITERS_PER_EPOCH,
-                                        "train_seconds": 1.0, "device_name": "cpu", "final": final})
-    files.write_text(folder / DONE, (fingerprint or c.fingerprint()) + "\n")
-    return folder
+    summary = Summary(**c.to_dict(), fingerprint=c.fingerprint(), status=status, params=1000 * c.depth, macs=1, epochs=EPOCHS,
+                      iterations=EPOCHS * ITERS_PER_EPOCH, train_seconds=1.0, device_name="cpu", final=final)
+    files.write_json(folder.summary, summary)
+    folder.mark_done(fingerprint or c.fingerprint())
+    return folder.path
 
 
 def start(results: Path, c: Cell, epochs_done: int) -> Path:
     """An unfinished cell folder: config and some epochs of metrics, no DONE."""
-    folder = results / "cells" / c.id
-    files.write_json(folder / CELL_CONFIG, {**c.to_dict(), "fingerprint": c.fingerprint()})
+    folder = ResultsFolder(results).cell(c.id)
+    write_cell_config(folder, c)
     if epochs_done:
         write_metrics(folder, metrics_rows(epochs_done, 50.0, 50.0))
-    return folder
+    return folder.path
 
 
 def finish_all(results: Path, errors: dict[tuple[str, int], list[float]]) -> None:
@@ -228,9 +236,10 @@ def test_unfinished_cells_are_listed_and_left_out_of_the_means(tmp_path):
 
     assert report.name == "fake"
     by_id = {m["id"]: m for m in report.missing}
-    assert by_id == {"plain-20-s1": {"id": "plain-20-s1", "status": "running", "epochs_done": 2, "epochs_total": EPOCHS},
-                     "plain-56-s0": {"id": "plain-56-s0", "status": "diverged", "epochs_done": EPOCHS},
-                     "plain-56-s1": {"id": "plain-56-s1", "status": "not started"}}
+    assert by_id == {"plain-20-s1": {"id": "plain-20-s1", "status": "running", "state": "partial", "epochs_done": 2,
+                                     "epochs_total": EPOCHS},
+                     "plain-56-s0": {"id": "plain-56-s0", "status": "diverged", "state": "diverged", "epochs_done": EPOCHS},
+                     "plain-56-s1": {"id": "plain-56-s1", "status": "not started", "state": "pending"}}
     p20 = row(report, "plain", 20)
     assert p20.n_seeds == 1 and p20.train_err == 5.0
     p56 = row(report, "plain", 56)
@@ -239,33 +248,37 @@ def test_unfinished_cells_are_listed_and_left_out_of_the_means(tmp_path):
     assert report.verdict["plain_degrades"] is None  # only one depth has a finished seed
 
 
-def test_running_cell_set_in_iterations_knows_its_length_from_the_first_epoch(tmp_path):
+def test_a_running_cell_set_in_iterations_knows_its_length_in_epochs_from_its_config(tmp_path):
     c = cell("plain", 20, iterations=1000)
     start(tmp_path, c, epochs_done=3)
-    assert build_report(tmp_path).missing == [{"id": c.id, "status": "running", "epochs_done": 3, "epochs_total": 10}]
+    assert build_report(tmp_path).missing == [{"id": c.id, "status": "running", "state": "partial", "epochs_done": 3,
+                                                "epochs_total": 10}]
 
 
 def test_a_started_cell_without_metrics_is_running(tmp_path):
     c = cell("plain", 20)
     start(tmp_path, c, epochs_done=0)
-    assert build_report(tmp_path).missing == [{"id": c.id, "status": "running", "epochs_done": 0, "epochs_total": EPOCHS}]
+    assert build_report(tmp_path).missing == [{"id": c.id, "status": "running", "state": "partial", "epochs_done": 0,
+                                                "epochs_total": EPOCHS}]
 
 
 def test_a_result_of_another_configuration_is_stale(tmp_path):
     expected = write_sweep(tmp_path, sweep(arch=["plain"], depth=[20]))
     finish(tmp_path, expected["plain-20-s0"], 5.0, fingerprint="0123456789abcdef")
     report = build_report(tmp_path)
-    assert report.missing == [{"id": "plain-20-s0", "status": "stale"}]
+    assert report.missing == [{"id": "plain-20-s0", "status": "stale", "state": "stale"}]
     assert report.rows.empty
 
 
 def test_a_cell_whose_last_attempt_crashed_is_failed(tmp_path):
     c = cell("plain", 20)
     folder = start(tmp_path, c, epochs_done=2)
-    files.write_text(folder / ERROR_LOG, "Traceback ...\n")
-    assert build_report(tmp_path).missing == [{"id": c.id, "status": "failed", "epochs_done": 2, "epochs_total": EPOCHS}]
-    write_metrics(folder, metrics_rows(3, 40.0, 40.0))  # retried: a newer epoch than the error
-    os.utime(folder / ERROR_LOG, (0, 0))
+    cell_folder = CellFolder(folder)
+    files.write_text(cell_folder.error_log, "Traceback ...\n")
+    assert build_report(tmp_path).missing == [{"id": c.id, "status": "failed", "state": "failed", "epochs_done": 2,
+                                                "epochs_total": EPOCHS}]
+    write_metrics(cell_folder, metrics_rows(3, 40.0, 40.0))  # retried: a newer epoch than the error
+    os.utime(cell_folder.error_log, (0, 0))
     assert build_report(tmp_path).missing[0]["status"] == "running"
 
 
@@ -302,7 +315,8 @@ def test_report_json_is_json_with_the_documented_keys(full):
             "clean_train_err_std", "test_err", "test_err_std", "epochs"} <= set(data["rows"][0])
     assert {"plain_degrades", "residual_degrades", "reproduced", "details", "rule"} <= set(data["verdict"])
     assert data["verdict"]["reproduced"] is True
-    assert data["missing"] == [{"id": "residual-56-s2", "status": "running", "epochs_done": 1, "epochs_total": EPOCHS}]
+    assert data["missing"] == [{"id": "residual-56-s2", "status": "running", "state": "partial", "epochs_done": 1,
+                                "epochs_total": EPOCHS}]
     assert json.loads(text) == data
 
 

@@ -19,6 +19,7 @@ import yaml
 
 import depthlab.sweep as sweep_module
 from depthlab import files
+from depthlab.config import parse_config
 
 from .conftest import tiny_sweep, write_config
 
@@ -140,7 +141,8 @@ def test_a_smoke_sweep_writes_the_results_folder_and_a_json_report(cli, tmp_path
     result = cli("sweep", config, "--out", out)
 
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load((out / "sweep.yaml").read_text()) == raw
+    as_run = parse_config(yaml.safe_load((out / "sweep.yaml").read_text()))
+    assert as_run.cells == parse_config(raw).cells  # every cell spelled out: the same cells, ids and fingerprints
     env = files.read_json(out / "environment.json")
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
     cells = cell_dirs(out)
@@ -459,7 +461,7 @@ def test_a_cell_that_crashes_is_recorded_and_the_others_still_finish(cli, tmp_pa
     assert "ValueError: injected failure for the test" in log and "Traceback" in log
     assert sorted(done_cells(out)) == ["plain-8-s0", "residual-8-s0", "residual-8-s1"]
     report = json.loads(cli("report", out, "--format", "json").stdout)
-    assert {"id": "plain-8-s1", "status": "failed", "epochs_done": 0, "epochs_total": 2} in report["missing"]
+    assert {"id": "plain-8-s1", "status": "failed", "state": "failed", "epochs_done": 0, "epochs_total": 2} in report["missing"]
 
     monkeypatch.setattr(sweep_module, "train_cell", real_train_cell)
     retry = cli("sweep", config, "--out", out)

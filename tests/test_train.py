@@ -10,7 +10,8 @@ import torch
 
 from depthlab.config import parse_config
 from depthlab.data import load_images
-from depthlab.train import CHECKPOINT, DONE, METRICS, SUMMARY, Schedule, train_cell
+from depthlab.layout import CellFolder
+from depthlab.train import Schedule, train_cell
 from depthlab import files
 from depthlab import train as train_module
 
@@ -28,20 +29,20 @@ def one_cell(**train):
 def test_a_cell_learns_and_writes_its_metrics_summary_and_marker(tmp_path: Path) -> None:
     config, cell, images = one_cell(epochs=4, milestones=[3])
     summary = train_cell(cell, images, CPU, config.runtime, tmp_path)
-    metrics = pd.read_csv(tmp_path / METRICS)
+    metrics = pd.read_csv(CellFolder(tmp_path).metrics)
     assert list(metrics.epoch) == [1, 2, 3, 4]
     assert list(metrics.iteration) == [4, 8, 12, 16]  # 256 images // 64 per batch
     assert metrics.train_err.iloc[-1] < 70 < 90  # chance is 90 % error on ten classes
     assert summary["status"] == "finished" and summary["params"] > 0
     assert 0 <= summary["final"]["clean_train_err"] <= 100
-    assert files.read_json(tmp_path / SUMMARY)["fingerprint"] == cell.fingerprint()
-    assert (tmp_path / DONE).read_text().strip() == cell.fingerprint()
-    assert not (tmp_path / CHECKPOINT).exists()
+    assert files.read_json(CellFolder(tmp_path).summary)["fingerprint"] == cell.fingerprint()
+    assert (CellFolder(tmp_path).done).read_text().strip() == cell.fingerprint()
+    assert not (CellFolder(tmp_path).checkpoint).exists()
 
 
 def test_the_lr_drops_tenfold_at_each_milestone() -> None:
     _, cell, _ = one_cell(epochs=4, milestones=[2, 3])
-    schedule = Schedule.for_cell(cell.train, iters_per_epoch=10)
+    schedule = Schedule.for_cell(cell.train, cell.train.run_length(10 * cell.train.batch_size))
     assert schedule.milestones == [20, 30] and schedule.total == 40
     lrs = [schedule.lr_at(i, warming_up=False) for i in (0, 19, 20, 29, 30, 39)]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
@@ -51,7 +52,7 @@ def test_the_lr_drops_tenfold_at_each_milestone() -> None:
 def test_an_iteration_budget_ends_inside_an_epoch(tmp_path: Path) -> None:
     config, cell, images = one_cell(epochs=None, iterations=10, milestones=[6])
     train_cell(cell, images, CPU, config.runtime, tmp_path)
-    metrics = pd.read_csv(tmp_path / METRICS)
+    metrics = pd.read_csv(CellFolder(tmp_path).metrics)
     assert list(metrics.iteration) == [4, 8, 10]
     assert list(metrics.lr) == pytest.approx([0.1, 0.01, 0.01])
 
@@ -60,11 +61,11 @@ def test_warm_up_trains_at_the_low_rate_until_the_error_falls_below_the_threshol
     monkeypatch.setattr(train_module, "WARMUP_CHECK_EVERY", 2)
     config, cell, images = one_cell(epochs=3, milestones=[2], batch_size=32, warmup_lr=0.01, warmup_until_err=0.0)
     train_cell(cell, images, CPU, config.runtime, tmp_path / "never")
-    assert pd.read_csv(tmp_path / "never" / METRICS).lr.tolist() == pytest.approx([0.01] * 3)  # 0 % is never reached
+    assert pd.read_csv(CellFolder(tmp_path / "never").metrics).lr.tolist() == pytest.approx([0.01] * 3)  # 0 % is never reached
 
     config, cell, images = one_cell(epochs=3, milestones=[2], batch_size=32, warmup_lr=0.01, warmup_until_err=100.0)
     train_cell(cell, images, CPU, config.runtime, tmp_path / "at-once")
-    assert pd.read_csv(tmp_path / "at-once" / METRICS).lr.tolist() == pytest.approx([0.1, 0.1, 0.01])
+    assert pd.read_csv(CellFolder(tmp_path / "at-once").metrics).lr.tolist() == pytest.approx([0.1, 0.1, 0.01])
 
 
 @pytest.mark.parametrize("recipe", [{}, {"warmup_lr": 0.05, "warmup_until_err": 85.0}], ids=["plain-schedule", "warm-up-ends-after-the-resume"])
@@ -76,11 +77,11 @@ def test_an_interrupted_cell_resumes_to_exactly_the_uninterrupted_result(tmp_pat
 
     partial = train_cell(cell, images, CPU, config.runtime, tmp_path / "resumed", stop_after_epochs=1)
     assert partial["status"] == "interrupted"
-    assert (tmp_path / "resumed" / CHECKPOINT).is_file() and not (tmp_path / "resumed" / DONE).exists()
+    assert (CellFolder(tmp_path / "resumed").checkpoint).is_file() and not (CellFolder(tmp_path / "resumed").done).exists()
     train_cell(cell, images, CPU, config.runtime, tmp_path / "resumed")
 
-    straight = pd.read_csv(tmp_path / "straight" / METRICS).drop(columns="seconds")
-    resumed = pd.read_csv(tmp_path / "resumed" / METRICS).drop(columns="seconds")
+    straight = pd.read_csv(CellFolder(tmp_path / "straight").metrics).drop(columns="seconds")
+    resumed = pd.read_csv(CellFolder(tmp_path / "resumed").metrics).drop(columns="seconds")
     pd.testing.assert_frame_equal(straight, resumed)
     a = torch.load(tmp_path / "straight" / "model.pt")
     b = torch.load(tmp_path / "resumed" / "model.pt")
@@ -102,7 +103,7 @@ def test_a_diverging_cell_is_recorded_as_diverged_and_stops(tmp_path: Path) -> N
     summary = train_cell(cell, images, CPU, config.runtime, tmp_path)
     assert summary["status"] == "diverged"
     assert summary["epochs"] < 3 or not torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
-    assert (tmp_path / DONE).is_file()
+    assert (CellFolder(tmp_path).done).is_file()
 
 
 def test_a_dataset_smaller_than_one_batch_is_refused(tmp_path: Path) -> None:
