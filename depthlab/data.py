@@ -373,20 +373,41 @@ def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
 # ----------------------------------------------------------------------------- on the device
 
 
+STATS_CHUNK = 1024  # images per step when summing the training set; a guess: 25 MB of float64 per chunk for CIFAR
+
+
+def pixel_sums(train_x: torch.Tensor, chunk: int = STATS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel sum and sum of squares of the raw 0..255 values, in float64, a chunk of images at a time.
+
+    A float copy of the whole set (614 MB for CIFAR-10) only to average it would crowd the device; the sums of
+    uint8 values stay exact in float64 for any set that fits in memory.
+    """
+    total = torch.zeros(train_x.shape[1:], dtype=torch.float64, device=train_x.device)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(train_x), chunk):
+        part = train_x[start : start + chunk].double()
+        total += part.sum(0)
+        squares += part.square_().sum(0)
+    return total, squares
+
+
 class Normalizer:
     """uint8 images → float inputs: the paper subtracts the per-pixel mean of the training set.
 
-    `pixel_mean`: x/255 minus the mean training image; `channel`: per-channel mean and std.
+    `pixel_mean`: x/255 minus the mean training image; `channel`: per-channel mean and std (unbiased).
     """
 
     def __init__(self, train_x: torch.Tensor, mode: str):
-        pixels = train_x.float().div_(255)
+        total, squares = pixel_sums(train_x)
         if mode == "pixel_mean":
-            self.mean = pixels.mean(0, keepdim=True)
+            self.mean = (total / (255 * len(train_x))).float()[None]
             self.scale = torch.ones(1, 3, 1, 1, device=train_x.device)
         else:
-            self.mean = pixels.mean((0, 2, 3), keepdim=True)
-            self.scale = 1 / pixels.std((0, 2, 3), keepdim=True)
+            count = len(train_x) * train_x.shape[2] * train_x.shape[3]
+            mean = total.sum((1, 2)) / count
+            variance = (squares.sum((1, 2)) - count * mean.square()) / (count - 1)
+            self.mean = (mean / 255).float().view(1, 3, 1, 1)
+            self.scale = (255 / variance.sqrt()).float().view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float().div_(255) - self.mean).mul_(self.scale)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from depthlab import data as data_module
 from depthlab.config import DataSpec
-from depthlab.data import CIFAR10_CLASSES, DataError, load_images, read_dataset
+from depthlab.data import CIFAR10_CLASSES, DataError, Normalizer, load_images, pixel_sums, read_dataset
 
 from .test_data import fake_arrays, png, write_image_folder, write_python_release
 
@@ -181,3 +182,37 @@ def test_a_bad_python_release_batch_is_named_in_the_error(tmp_path: Path, fault:
     with pytest.raises(DataError, match=f"^{bad}: "):
         read_dataset(tmp_path, tmp_path / "cache")
 
+
+# ----------------------------------------------------------------------------- normalisation statistics
+
+
+def test_chunked_pixel_sums_are_exact_whatever_the_chunk_size() -> None:
+    x = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8)
+    exact = x.long().sum(0), x.long().square().sum(0)
+    for chunk in (7, 50, 1000):
+        total, squares = pixel_sums(x, chunk)
+        assert torch.equal(total, exact[0].double()) and torch.equal(squares, exact[1].double())
+
+
+@pytest.mark.parametrize("mode", ["pixel_mean", "channel"])
+def test_normalizer_statistics_match_the_straightforward_float_computation(mode: str) -> None:
+    x = torch.randint(0, 256, (2500, 3, 8, 8), dtype=torch.uint8)  # more than one chunk, the last one partial
+    pixels = x.double() / 255
+    if mode == "pixel_mean":
+        mean, scale = pixels.mean(0, keepdim=True), torch.ones(1, 3, 1, 1)
+    else:
+        mean, scale = pixels.mean((0, 2, 3), keepdim=True), 1 / pixels.std((0, 2, 3), keepdim=True)
+    normalize = Normalizer(x, mode)
+    assert normalize.mean.dtype == normalize.scale.dtype == torch.float32
+    assert normalize.mean.shape == mean.shape and normalize.scale.shape == scale.shape
+    assert torch.allclose(normalize.mean.double(), mean, rtol=0, atol=1e-7)
+    assert torch.allclose(normalize.scale.double(), scale.double(), rtol=1e-6, atol=0)
+
+
+def test_normalizer_chunks_are_bounded_by_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randint(0, 256, (3000, 3, 4, 4), dtype=torch.uint8)
+    largest = []
+    double = torch.Tensor.double
+    monkeypatch.setattr(torch.Tensor, "double", lambda t: largest.append(len(t)) or double(t))
+    Normalizer(x, "channel")
+    assert largest and max(largest) <= data_module.STATS_CHUNK < len(x)
