@@ -209,10 +209,12 @@ def test_normalizer_statistics_match_the_straightforward_float_computation(mode:
     assert torch.allclose(normalize.scale.double(), scale.double(), rtol=1e-6, atol=0)
 
 
-def test_normalizer_chunks_are_bounded_by_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["pixel_mean", "channel"])
+def test_normalizer_never_converts_more_than_a_chunk_of_images_to_float(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     x = torch.randint(0, 256, (3000, 3, 4, 4), dtype=torch.uint8)
-    largest = []
-    double = torch.Tensor.double
-    monkeypatch.setattr(torch.Tensor, "double", lambda t: largest.append(len(t)) or double(t))
-    Normalizer(x, "channel")
-    assert largest and max(largest) <= data_module.STATS_CHUNK < len(x)
+    converted = []
+    for name in ("float", "double"):
+        convert = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, convert=convert: converted.append(len(t)) or convert(t))
+    Normalizer(x, mode)
+    assert converted and max(converted) <= data_module.STATS_CHUNK < len(x)
