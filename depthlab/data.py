@@ -18,6 +18,8 @@ import os
 import pickle
 import re
 import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +34,15 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 TORCHVISION_FOLDER = "cifar-10-batches-py"
 SPLITS = ("train", "test")
+GZIP_MAGIC = b"\x1f\x8b"
+PIXELS_PER_IMAGE = 3 * 32 * 32
+PICKLE_FORMAT = "a CIFAR-10 python-release batch is a dict with 'data' (N×3072 uint8) and 'labels' (N ints in 0..9)"
+# What reading a damaged archive raises: tarfile wraps some zlib errors in ReadError, but a member's bytes come straight
+# from the decompressor (zlib.error, not an OSError), a cut-off stream raises EOFError, a bad trailer gzip.BadGzipFile.
+ARCHIVE_DAMAGE = (tarfile.TarError, zlib.error, EOFError, OSError)
+# What np.load raises for a cut-off or overwritten .npz (measured with numpy 2.4: BadZipFile for bad CRCs and headers,
+# EOFError for an empty file, ValueError for bytes that are not an array); KeyError for a file without our arrays.
+CACHE_DAMAGE = (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError)
 
 
 class DataError(Exception):
@@ -88,6 +99,37 @@ def synthetic_images(train_size: int = 1000, test_size: int = 500, seed: int = 0
 # ----------------------------------------------------------------------------- layouts on disk
 
 
+def _unpickle(file: Path) -> object:
+    try:
+        with open(file, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as err:  # unpickling a damaged file can raise almost any exception (pickle's docs say so)
+        raise DataError(f"{file}: not a readable pickle ({type(err).__name__}: {err}); re-download or re-create it") from None
+
+
+def _as_array(value: object, file: Path, key: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except ValueError as err:  # ragged nested lists
+        raise DataError(f"{file}: '{key}' is not an array ({err}); {PICKLE_FORMAT}") from None
+
+
+def _read_pickle_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file, checked, so that a damaged or foreign file is named here rather than failing deep in training."""
+    entry = _unpickle(file)
+    if not isinstance(entry, dict) or not {"data", "labels"} <= entry.keys():
+        found = f"keys {sorted(map(str, entry))}" if isinstance(entry, dict) else type(entry).__name__
+        raise DataError(f"{file}: expected 'data' and 'labels', found {found}; {PICKLE_FORMAT}")
+    x, y = _as_array(entry["data"], file, "data"), _as_array(entry["labels"], file, "labels")
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS_PER_IMAGE:
+        raise DataError(f"{file}: 'data' is {x.dtype} of shape {x.shape}; {PICKLE_FORMAT}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{file}: {len(x)} images but 'labels' has shape {y.shape}; {PICKLE_FORMAT}")
+    if not np.issubdtype(y.dtype, np.integer) or np.any((y < 0) | (y >= len(CIFAR10_CLASSES))):
+        raise DataError(f"{file}: 'labels' must be ints in 0..9, found {y.dtype} values {np.unique(y)[:10].tolist()}; {PICKLE_FORMAT}")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
 def _read_pickle_batches(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The python-pickle release of CIFAR-10 (what torchvision downloads)."""
 
@@ -97,10 +139,9 @@ def _read_pickle_batches(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
             file = folder / name
             if not file.is_file():
                 raise DataError(f"{folder}: missing {name} (expected data_batch_1..5 and test_batch of the CIFAR-10 python release)")
-            with open(file, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
+            x, y = _read_pickle_batch(file)
+            xs.append(x)
+            ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
 
     train = read([f"data_batch_{i}" for i in range(1, 6)])
@@ -114,11 +155,13 @@ def _class_order(names: set[str]) -> tuple[str, ...]:
 
 
 def _decode(blob: bytes, where: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(blob)) as im:
             array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        raise DataError(f"{where}: cannot decode image (not a format PIL reads, or damaged)") from None
     except Exception as err:  # PIL raises many kinds of errors for a bad file
         raise DataError(f"{where}: cannot decode image ({err})") from None
     if array.shape != (32, 32, 3):
@@ -157,18 +200,53 @@ def _read_image_folder(root: Path) -> tuple[np.ndarray, ...]:
 _MEMBER = re.compile(r"(?:^|.*/)(train|test)/([^/]+)/([^/]+)$")
 
 
-def _read_tarball(path: Path) -> tuple[np.ndarray, ...]:
+def _tar_images(tar: tarfile.TarFile) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
+    """{split: {class: [(name, bytes)]}} of the image members, read in one pass over the archive."""
     files: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
+    for member in tar:
+        match = _MEMBER.match(member.name)
+        if member.isfile() and match and Path(match[3]).suffix.lower() in IMAGE_SUFFIXES:
+            split, name, file = match.groups()
+            blob = tar.extractfile(member).read()
+            files.setdefault(split, {}).setdefault(name, []).append((file, blob))
+    return files
+
+
+def _only_padding_follows(tar: tarfile.TarFile) -> bool:
+    """Read the archive to its very end: whether nothing but the zero padding follows where tarfile stopped.
+
+    tarfile stops quietly at an unreadable header, as if the archive ended there, and never reads the gzip trailer;
+    reading on checks the gzip CRC (raising on damage) and tells a real end from a damaged header.
+    """
+    padding = True
+    while chunk := tar.fileobj.read(1 << 20):
+        padding = padding and not chunk.strip(b"\0")
+    return padding
+
+
+def _damaged(path: Path, problem: Exception | str) -> DataError:
+    if isinstance(problem, EOFError):  # gzip's own words ("end-of-stream marker") do not say what happened to the file
+        problem = "its compressed data ends early (cut off or overwritten)"
+    return DataError(f"{path}: the archive is damaged: {problem}; re-download or re-create it")
+
+
+def _read_tarball(path: Path) -> tuple[np.ndarray, ...]:
+    """A tar or .tar.gz of an image folder, verified to its end so a damaged archive never trains on part of itself."""
+    with open(path, "rb") as f:
+        compressed = f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                match = _MEMBER.match(member.name)
-                if member.isfile() and match and Path(match[3]).suffix.lower() in IMAGE_SUFFIXES:
-                    split, name, file = match.groups()
-                    blob = tar.extractfile(member).read()
-                    files.setdefault(split, {}).setdefault(name, []).append((file, blob))
-    except (tarfile.TarError, OSError, EOFError) as err:
+        tar = tarfile.open(path, "r:gz" if compressed else "r:")
+    except ARCHIVE_DAMAGE as err:
+        if compressed:
+            raise _damaged(path, err) from None
         raise DataError(f"{path}: not a readable tar archive ({err})") from None
+    try:
+        with tar:
+            files = _tar_images(tar)
+            if not _only_padding_follows(tar):
+                raise _damaged(path, f"unreadable tar header at byte {tar.offset}, the entries after it were not read")
+    except ARCHIVE_DAMAGE as err:
+        raise _damaged(path, err) from None
     return _stack(files, str(path))
 
 
@@ -196,23 +274,41 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _load_cache(cache: Path) -> tuple[list[np.ndarray], tuple[str, ...]] | None:
+    """The cached arrays, or None where there are none; a damaged cache is deleted (it is only a cache) and reads as None."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as z:
+            return [z[k] for k in ("train_x", "train_y", "test_x", "test_y")], tuple(str(c) for c in z["classes"])
+    except CACHE_DAMAGE:
+        cache.unlink(missing_ok=True)
+        return None
+
+
+def _save_cache(cache: Path, arrays: list[np.ndarray], classes: tuple[str, ...]) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # per process: two sweeps decoding at once must not mix bytes
+    np.savez(tmp, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3], classes=np.array(classes))
+    os.replace(tmp, cache)
+
+
+def _decode_layout(layout: str, where: Path) -> tuple[list[np.ndarray], tuple[str, ...]]:
+    if layout == "pickle":
+        return list(_read_pickle_batches(where)), CIFAR10_CLASSES
+    *arrays, classes = _read_tarball(where) if layout == "tarball" else _read_image_folder(where)
+    return arrays, classes
+
+
 def read_dataset(path: Path, cache_dir: Path) -> Images:
     """Decode the dataset at `path` (any layout) once; later calls load the cached arrays."""
     layout, where = detect_layout(path)
     cache = cache_dir / "decoded" / f"{where.name}-{_cache_key(where)}.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            arrays = [z[k] for k in ("train_x", "train_y", "test_x", "test_y")]
-            classes = tuple(str(c) for c in z["classes"])
-    else:
-        if layout == "pickle":
-            arrays, classes = list(_read_pickle_batches(where)), CIFAR10_CLASSES
-        else:
-            *arrays, classes = _read_tarball(where) if layout == "tarball" else _read_image_folder(where)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3], classes=np.array(classes))
-        os.replace(tmp, cache)
+    cached = _load_cache(cache)
+    if cached is None:
+        cached = _decode_layout(layout, where)
+        _save_cache(cache, *cached)
+    arrays, classes = cached
     return Images(*(torch.from_numpy(a) for a in arrays), classes=classes)
 
 
@@ -237,6 +333,15 @@ def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tu
     return x[keep], y[keep]
 
 
+def _check_cifar10_classes(path: Path, classes: tuple[str, ...]) -> None:
+    """With data.source cifar10 the labels mean CIFAR-10's classes; ten folders of anything else are another data set."""
+    if set(classes) != set(CIFAR10_CLASSES):
+        raise DataError(
+            f"{path}: data.source is cifar10, so the class folders must be CIFAR-10's ({', '.join(CIFAR10_CLASSES)}); "
+            f"found {', '.join(classes)}. For another labelled image set use data.source: folder"
+        )
+
+
 def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
     """The images a sweep trains and evaluates on, with its subsets and validation split applied."""
     cache_dir = cache_dir or default_cache_dir()
@@ -251,8 +356,8 @@ def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         images = read_dataset(path, cache_dir)
-        if spec.source == "cifar10" and len(images.classes) != 10:
-            raise DataError(f"{path}: CIFAR-10 has 10 classes, found {len(images.classes)}: {', '.join(images.classes)}")
+        if spec.source == "cifar10":
+            _check_cifar10_classes(path, images.classes)
         images.train_x, images.train_y = _subset(images.train_x, images.train_y, spec.train_size, seed=1)
         images.test_x, images.test_y = _subset(images.test_x, images.test_y, spec.test_size, seed=2)
     if spec.val_split:
@@ -268,20 +373,41 @@ def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
 # ----------------------------------------------------------------------------- on the device
 
 
+STATS_CHUNK = 1024  # images per step when summing the training set; a guess: 25 MB of float64 per chunk for CIFAR
+
+
+def pixel_sums(train_x: torch.Tensor, chunk: int = STATS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel sum and sum of squares of the raw 0..255 values, in float64, a chunk of images at a time.
+
+    A float copy of the whole set (614 MB for CIFAR-10) only to average it would crowd the device; the sums of
+    uint8 values stay exact in float64 for any set that fits in memory.
+    """
+    total = torch.zeros(train_x.shape[1:], dtype=torch.float64, device=train_x.device)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(train_x), chunk):
+        part = train_x[start : start + chunk].double()
+        total += part.sum(0)
+        squares += part.square_().sum(0)
+    return total, squares
+
+
 class Normalizer:
     """uint8 images → float inputs: the paper subtracts the per-pixel mean of the training set.
 
-    `pixel_mean`: x/255 minus the mean training image; `channel`: per-channel mean and std.
+    `pixel_mean`: x/255 minus the mean training image; `channel`: per-channel mean and std (unbiased).
     """
 
     def __init__(self, train_x: torch.Tensor, mode: str):
-        pixels = train_x.float().div_(255)
+        total, squares = pixel_sums(train_x)
         if mode == "pixel_mean":
-            self.mean = pixels.mean(0, keepdim=True)
+            self.mean = (total / (255 * len(train_x))).float()[None]
             self.scale = torch.ones(1, 3, 1, 1, device=train_x.device)
         else:
-            self.mean = pixels.mean((0, 2, 3), keepdim=True)
-            self.scale = 1 / pixels.std((0, 2, 3), keepdim=True)
+            count = len(train_x) * train_x.shape[2] * train_x.shape[3]
+            mean = total.sum((1, 2)) / count
+            variance = (squares.sum((1, 2)) - count * mean.square()) / (count - 1)
+            self.mean = (mean / 255).float().view(1, 3, 1, 1)
+            self.scale = (255 / variance.sqrt()).float().view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float().div_(255) - self.mean).mul_(self.scale)
