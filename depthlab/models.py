@@ -9,6 +9,9 @@ a plain net the same pair without the addition. The two families have identical 
 The ablations (see `options.NetSpec`) change one thing each: λ in a[l+2] = g(z[l+2] + λ·shortcut(a[l])),
 the initialisation, BatchNorm or none, the 2016 pre-activation block order, or fully-connected
 layers on the flattened image instead of convs (the MLP family, widths `MLP_WIDTHS`).
+λ = 0 gives exactly the plain net's outputs and gradients for the same weights. With option B the
+projection W_s is then still computed (its BN statistics still update) but it adds nothing and gets
+zero gradients, so only weight decay moves it; option A shortcuts have no parameters at all.
 
 The contract a probe can rely on, for every net `build_net` returns:
 - `net(x) == net.classifier(net.pool(net.final_norm(net.stages(net.stem(x)))))`; `stem` is the first

@@ -46,7 +46,6 @@ FAMILIES: tuple[str, ...] = ("conv", "mlp")
 INITS: tuple[str, ...] = ("he", "zero_gamma", "delta_orthogonal")
 NORMS: tuple[str, ...] = ("bn", "none")
 BLOCK_ORDERS: tuple[str, ...] = ("post", "pre")
-RESIDUAL_ONLY = ("shortcut", "shortcut_scale")  # a plain net has no shortcut, so these do not change it
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def test_non_default_options_are_listed_in_field_order() -> None:
 def test_a_plain_net_ignores_the_shortcut_options() -> None:
     assert NetSpec("plain", 20, shortcut="B", shortcut_scale=0.5).canonical() == NetSpec("plain", 20)
     assert NetSpec("plain", 20, shortcut="B", shortcut_scale=0.5, norm="none").non_default() == (("norm", "none"),)
-    assert model_size("plain", 20, "B") == model_size("plain", 20, "A")
+    assert model_size("plain", 8, "B") == model_size("plain", 8, "A")
 
 
 @pytest.mark.parametrize(
