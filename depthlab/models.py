@@ -1,32 +1,88 @@
-"""The CIFAR-10 networks of He et al. 2015, §4.2: plain and residual nets of depth 6n+2.
+"""The CIFAR-10 networks of He et al. 2015, §4.2, and the ablations that ask why depth hurts plain nets.
 
-A net is a 3×3 conv with 16 filters, then three stages of 2n 3×3 convs with 16, 32 and 64
-filters (the first conv of stages 2 and 3 has stride 2), then global average pooling and a
-10-way linear layer. BatchNorm follows every conv, before the ReLU. Convs come in pairs:
-in a residual net each pair is a block a[l+2] = relu(z[l+2] + a[l]), in a plain net the same
-pair without the addition. The two families have identical layers; only the shortcut differs.
+The 2015 net (`NetSpec(arch, depth)` with every default) is a 3×3 conv with 16 filters, then three
+stages of 2n 3×3 convs with 16, 32 and 64 filters (the first conv of stages 2 and 3 has stride 2),
+then global average pooling and a 10-way linear layer. BatchNorm follows every conv, before the
+ReLU. Convs come in pairs: in a residual net each pair is a block a[l+2] = relu(z[l+2] + a[l]), in
+a plain net the same pair without the addition. The two families have identical layers.
+
+The ablations (see `options.NetSpec`) change one thing each: λ in a[l+2] = g(z[l+2] + λ·shortcut(a[l])),
+the initialisation, BatchNorm or none, the 2016 pre-activation block order, or fully-connected
+layers on the flattened image instead of convs (the MLP family, widths `MLP_WIDTHS`).
+λ = 0 gives exactly the plain net's outputs and gradients for the same weights. With option B the
+projection W_s is then still computed (its BN statistics still update) but it adds nothing and gets
+zero gradients, so only weight decay moves it; option A shortcuts have no parameters at all.
+
+The contract a probe can rely on, for every net `build_net` returns:
+- `net(x) == net.classifier(net.pool(net.final_norm(net.stages(net.stem(x)))))`; `stem` is the first
+  weighted layer (with its norm and ReLU in `post` nets; the MLP's stem also flattens the image),
+  `final_norm` is the pre-activation net's closing norm-ReLU (nn.Identity in `post` nets), `pool` is
+  global average pooling and flattening (nn.Identity in the MLP), `classifier` the last nn.Linear.
+- `stages` is an nn.Sequential of three nn.Sequential of blocks.
+- every block has `residual_branch(x)` (F(x), everything before the add), `shortcut` (a module, or
+  None in a plain block) and `shortcut_scale` (λ; 0.0 in a plain block, which adds nothing).
+  A `post` block returns relu(F(x) + λ·shortcut(x)), a `pre` block F(x) + λ·shortcut(x).
+- a block's weighted layers are `conv1` and `conv2`, each followed by `bn1`/`bn2` (nn.Identity
+  under norm none). The MLP keeps these names for its nn.Linear and BatchNorm1d layers: they are the
+  state-dict keys under which the 2015 nets' saved weights were written.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import ARCHS, SHORTCUTS, Arch, Shortcut, blocks_per_stage
+from .options import Arch, Init, NetSpec, Shortcut, blocks_per_stage, net_spec_error
 
 STAGE_WIDTHS = (16, 32, 64)
+MLP_WIDTHS = (64, 128, 256)  # a choice: doubling like the conv stages, so option A can zero-pad; 64 = the conv net's widest stage
+IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
+RELU_GAIN = math.sqrt(2.0)
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    """3×3 conv without bias: the BatchNorm after it has the bias."""
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    """3×3 conv; without bias when a BatchNorm follows it and supplies one."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """How one family makes its layers, so that each block is written once for convs and for the MLP."""
+
+    family: str = "conv"
+    norm: str = "bn"
+
+    def weighted(self, in_width: int, out_width: int, stride: int = 1) -> nn.Module:
+        """z = W a (+ b): a 3×3 conv or a linear layer; the bias only when no BatchNorm follows."""
+        bias = self.norm == "none"
+        if self.family == "mlp":
+            return nn.Linear(in_width, out_width, bias=bias)
+        return conv3x3(in_width, out_width, stride, bias)
+
+    def normalise(self, width: int) -> nn.Module:
+        """The BatchNorm after a weighted layer, or nothing."""
+        if self.norm == "none":
+            return nn.Identity()
+        return nn.BatchNorm1d(width) if self.family == "mlp" else nn.BatchNorm2d(width)
+
+    def shortcut(self, in_width: int, out_width: int, stride: int, option: Shortcut) -> nn.Module:
+        """The identity where the shape stays, else option A (zero-pad) or B (learned projection)."""
+        if stride == 1 and in_width == out_width:
+            return nn.Identity()
+        if option == "A":
+            return PadShortcut(in_width, out_width, stride)
+        return ProjectionShortcut(in_width, out_width, stride, self)
 
 
 class PadShortcut(nn.Module):
-    """Option A: subsample by the stride and zero-pad the new channels. No parameters."""
+    """Option A: subsample by the stride and zero-pad the new channels (or MLP units). No parameters."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
@@ -34,99 +90,178 @@ class PadShortcut(nn.Module):
         self.extra_channels = out_channels - in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.extra_channels))
 
 
 class ProjectionShortcut(nn.Sequential):
-    """Option B: a learned 1×1 projection W_s (with BatchNorm) that matches the new shape."""
+    """Option B: a learned projection W_s (1×1 conv or linear layer, with its norm) that matches the new shape."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
+    def __init__(self, in_channels: int, out_channels: int, stride: int, layers: Layers = Layers()):
+        bias = layers.norm == "none"
+        if layers.family == "mlp":
+            projection: nn.Module = nn.Linear(in_channels, out_channels, bias=bias)
+        else:
+            projection = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)
+        super().__init__(projection, layers.normalise(out_channels))
 
 
-class PlainBlock(nn.Module):
-    """Two conv-BN layers, each followed by ReLU: the residual block minus its shortcut."""
+class Block(nn.Module):
+    """Two weighted layers and their norms, plus an optional shortcut scaled by λ; subclasses set the order."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_width: int, out_width: int, stride: int = 1, shortcut: nn.Module | None = None,
+                 shortcut_scale: float = 1.0, layers: Layers = Layers(), bn1_width: int | None = None):
         super().__init__()
-        self.conv1 = conv3x3(in_channels, out_channels, stride)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = conv3x3(out_channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv1 = layers.weighted(in_width, out_width, stride)
+        self.bn1 = layers.normalise(out_width if bn1_width is None else bn1_width)
+        self.conv2 = layers.weighted(out_width, out_width)
+        self.bn2 = layers.normalise(out_width)
+        self.shortcut = shortcut
+        self.shortcut_scale = shortcut_scale if shortcut is not None else 0.0
 
     def residual_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """z[l+2]: the two convs, up to (not including) the final ReLU."""
+        raise NotImplementedError
+
+    def add_shortcut(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """F(x) + λ·shortcut(x); F(x) alone in a plain block."""
+        if self.shortcut is None:
+            return branch
+        return branch + self.shortcut_scale * self.shortcut(x)
+
+
+class PostBlock(Block):
+    """He et al. 2015: a[l+2] = relu(z[l+2] + λ·shortcut(a[l])), the shortcut added *before* the last ReLU."""
+
+    def residual_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """z[l+2]: conv-BN-ReLU-conv-BN, up to (not including) the final ReLU."""
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.residual_branch(x))
+        return F.relu(self.add_shortcut(self.residual_branch(x), x))
 
 
-class ResidualBlock(PlainBlock):
-    """a[l+2] = relu(z[l+2] + shortcut(a[l])): the shortcut is added *before* the last ReLU."""
+class PreBlock(Block):
+    """He et al. 2016 (identity mappings): a[l+2] = F(a[l]) + λ·shortcut(a[l]), with no ReLU after the add.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: Shortcut = "A"):
-        super().__init__(in_channels, out_channels, stride)
-        if stride == 1 and in_channels == out_channels:
-            self.shortcut: nn.Module = nn.Identity()
-        elif shortcut == "A":
-            self.shortcut = PadShortcut(in_channels, out_channels, stride)
-        else:
-            self.shortcut = ProjectionShortcut(in_channels, out_channels, stride)
+    The norms come before the weighted layers, so `bn1` normalises the block's input.
+    """
+
+    def __init__(self, in_width: int, out_width: int, stride: int = 1, shortcut: nn.Module | None = None,
+                 shortcut_scale: float = 1.0, layers: Layers = Layers()):
+        super().__init__(in_width, out_width, stride, shortcut, shortcut_scale, layers, bn1_width=in_width)
+
+    def residual_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """F(x): BN-ReLU-conv-BN-ReLU-conv."""
+        return self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.residual_branch(x) + self.shortcut(x))
+        return self.add_shortcut(self.residual_branch(x), x)
+
+
+BLOCKS: dict[str, type[Block]] = {"post": PostBlock, "pre": PreBlock}
 
 
 class CifarNet(nn.Module):
-    """A 6n+2-layer CIFAR-10 net: stem, three stages of n blocks, pooling, classifier."""
+    """A 6n+2-layer net for 32×32 images: stem, three stages of n blocks, final norm, pooling, classifier."""
 
-    def __init__(self, arch: Arch, depth: int, shortcut: Shortcut = "A", num_classes: int = NUM_CLASSES):
+    def __init__(self, spec: NetSpec, num_classes: int = NUM_CLASSES):
         super().__init__()
-        n = blocks_per_stage(depth)
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"unknown shortcut {shortcut!r}; allowed: {', '.join(SHORTCUTS)}")
-        self.arch, self.depth, self.shortcut = arch, depth, shortcut
-        self.stem = nn.Sequential(conv3x3(3, STAGE_WIDTHS[0]), nn.BatchNorm2d(STAGE_WIDTHS[0]), nn.ReLU())
-        stages, in_channels = [], STAGE_WIDTHS[0]
-        for index, width in enumerate(STAGE_WIDTHS):
+        problem = net_spec_error(spec)
+        if problem:
+            raise ValueError(problem)
+        self.spec = spec = spec.canonical()
+        layers = Layers(spec.family, spec.norm)
+        widths = MLP_WIDTHS if spec.family == "mlp" else STAGE_WIDTHS
+        self.stem = self._stem(layers, widths[0], spec.block)
+        self.stages = self._stages(spec, layers, widths)
+        self.final_norm = nn.Sequential(layers.normalise(widths[-1]), nn.ReLU()) if spec.block == "pre" else nn.Identity()
+        self.pool = nn.Identity() if spec.family == "mlp" else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(widths[-1], num_classes)
+        init_weights(self, spec.init)
+
+    @staticmethod
+    def _stem(layers: Layers, width: int, block: str) -> nn.Sequential:
+        """The first weighted layer; a `pre` net leaves its norm-ReLU to the first block."""
+        flatten = [nn.Flatten()] if layers.family == "mlp" else []
+        in_width = math.prod(IMAGE_SHAPE) if layers.family == "mlp" else IMAGE_SHAPE[0]
+        activation = [layers.normalise(width), nn.ReLU()] if block == "post" else []
+        return nn.Sequential(*flatten, layers.weighted(in_width, width), *activation)
+
+    @staticmethod
+    def _stages(spec: NetSpec, layers: Layers, widths: tuple[int, ...]) -> nn.Sequential:
+        """Three stages of n blocks; the first block of stages 2 and 3 widens (and, in the conv net, halves the map)."""
+        n, block_type, residual = blocks_per_stage(spec.depth), BLOCKS[spec.block], spec.arch == "residual"
+        stages, in_width = [], widths[0]
+        for index, width in enumerate(widths):
             blocks = []
             for b in range(n):
-                stride = 2 if index > 0 and b == 0 else 1
-                if arch == "residual":
-                    blocks.append(ResidualBlock(in_channels, width, stride, shortcut))
-                else:
-                    blocks.append(PlainBlock(in_channels, width, stride))
-                in_channels = width
+                stride = 2 if index > 0 and b == 0 and layers.family == "conv" else 1
+                shortcut = layers.shortcut(in_width, width, stride, spec.shortcut) if residual else None
+                blocks.append(block_type(in_width, width, stride, shortcut, spec.shortcut_scale, layers))
+                in_width = width
             stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.classifier = nn.Linear(in_channels, num_classes)
-        init_weights(self)
+        return nn.Sequential(*stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.classifier(self.pool(self.final_norm(self.stages(self.stem(x)))))
 
 
-def init_weights(model: nn.Module) -> None:
-    """He (Kaiming) normal init for convs, as the paper ([13]); BN starts as the identity."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+def residual_blocks(net: CifarNet) -> list[Block]:
+    """The blocks of a net that have a shortcut."""
+    return [block for stage in net.stages for block in stage if block.shortcut is not None]
+
+
+def delta_orthogonal_(weight: torch.Tensor, gain: float = RELU_GAIN) -> None:
+    """Xiao et al. 2018: zero everywhere except the centre tap, which is gain × a random orthogonal matrix.
+
+    With fewer outputs than inputs the centre has orthonormal rows, otherwise orthonormal columns.
+    A linear layer's weight is its own centre tap.
+    """
+    centre = tuple(k // 2 for k in weight.shape[2:])
+    with torch.no_grad():
+        weight.zero_()
+        weight[(slice(None), slice(None), *centre)] = nn.init.orthogonal_(torch.empty(weight.shape[:2]), gain)
+
+
+def init_weighted_layer(layer: nn.Conv2d | nn.Linear, init: Init) -> None:
+    """He init: Kaiming normal, fan_out for convs (as the paper's [13]) and fan_in for the MLP's linear
+    layers (whose input layer has 48× more inputs than outputs, so fan_out would blow its output up);
+    or delta-orthogonal. Biases start at zero."""
+    if init == "delta_orthogonal":
+        delta_orthogonal_(layer.weight)
+    else:
+        mode = "fan_out" if isinstance(layer, nn.Conv2d) else "fan_in"
+        nn.init.kaiming_normal_(layer.weight, mode=mode, nonlinearity="relu")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def init_weights(net: CifarNet, init: Init = "he") -> None:
+    """Initialise every layer before the classifier; BN starts as the identity (γ=1, β=0).
+
+    zero_gamma then sets the last γ of each residual branch to 0, so the branch outputs zeros and the
+    block starts as its shortcut (the identity within a stage). The classifier keeps PyTorch's default.
+    """
+    for module in chain(net.stem.modules(), net.stages.modules(), net.final_norm.modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            init_weighted_layer(module, init)
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    if init == "zero_gamma":
+        for block in residual_blocks(net):
+            nn.init.zeros_(block.bn2.weight)
+
+
+def build_net(spec: NetSpec) -> CifarNet:
+    """The one builder: `build_net(NetSpec("residual", 56))` is ResNet-56. A ValueError names an impossible spec."""
+    return CifarNet(spec)
 
 
 def build_model(arch: Arch, depth: int, shortcut: Shortcut = "A") -> CifarNet:
-    """The builder for both families: `build_model("residual", 56)` is ResNet-56."""
-    return CifarNet(arch, depth, shortcut)
+    """A 2015 net by its three classic options: `build_model("residual", 56)` is ResNet-56."""
+    return build_net(NetSpec(arch, depth, shortcut=shortcut))
 
 
 def count_params(model: nn.Module) -> int:
@@ -135,7 +270,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, image_size: int = 32) -> int:
-    """Multiply-accumulates of one forward pass on one image (convs and the linear layer)."""
+    """Multiply-accumulates of one forward pass on one image (convs and linear layers)."""
     total = 0
 
     def conv_hook(module: nn.Conv2d, inputs, output: torch.Tensor) -> None:
@@ -165,7 +300,12 @@ def count_macs(model: nn.Module, image_size: int = 32) -> int:
 
 
 @lru_cache(maxsize=None)
-def model_size(arch: Arch, depth: int, shortcut: Shortcut = "A") -> tuple[int, int]:
-    """(parameters, forward MACs per image) of a net, computed once per shape."""
-    model = build_model(arch, depth, shortcut)
+def net_size(spec: NetSpec) -> tuple[int, int]:
+    """(parameters, forward MACs per image) of a net, computed once per spec."""
+    model = build_net(spec)
     return count_params(model), count_macs(model)
+
+
+def model_size(arch: Arch, depth: int, shortcut: Shortcut = "A") -> tuple[int, int]:
+    """`net_size` of a 2015 net by its three classic options."""
+    return net_size(NetSpec(arch, depth, shortcut=shortcut))

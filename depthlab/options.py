@@ -1,11 +1,14 @@
-"""The vocabulary of a net, without torch: architecture names, shortcut options and valid depths.
+"""The vocabulary of a net, without torch: architecture names, shortcut options, valid depths and the ablation options.
 
 config (validation) and report (tables) need these names but not the networks; keeping them
-here lets both import them without loading torch. `models` builds the networks they name.
+here lets both import them without loading torch. `models` builds the networks they name;
+`NetSpec` is the whole description of one net.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 Arch = Literal["plain", "residual"]
@@ -33,3 +36,88 @@ def blocks_per_stage(depth: int) -> int:
     if problem:
         raise ValueError(problem)
     return (depth - 2) // 6
+
+
+Family = Literal["conv", "mlp"]
+Init = Literal["he", "zero_gamma", "delta_orthogonal"]
+Norm = Literal["bn", "none"]
+BlockOrder = Literal["post", "pre"]
+FAMILIES: tuple[str, ...] = ("conv", "mlp")
+INITS: tuple[str, ...] = ("he", "zero_gamma", "delta_orthogonal")
+NORMS: tuple[str, ...] = ("bn", "none")
+BLOCK_ORDERS: tuple[str, ...] = ("post", "pre")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Everything that decides a net's layers and starting weights; the defaults are the 2015 CIFAR net.
+
+    family: conv (the paper's CIFAR net) or mlp (the same depth grid with fully-connected layers).
+    shortcut, shortcut_scale: option A/B where the shape changes, and λ in a[l+2] = g(z[l+2] + λ·shortcut(a[l])).
+    init: he (Kaiming normal), zero_gamma (every residual block starts as its shortcut) or delta_orthogonal.
+    norm: bn (BatchNorm after every weighted layer) or none. block: post (2015: add, then ReLU) or pre (2016).
+    """
+
+    arch: Arch
+    depth: int
+    family: Family = "conv"
+    shortcut: Shortcut = "A"
+    shortcut_scale: float = 1.0
+    init: Init = "he"
+    norm: Norm = "bn"
+    block: BlockOrder = "post"
+
+    def canonical(self) -> NetSpec:
+        """The same net with the options it ignores reset, so that equal nets have equal specs.
+
+        A plain net ignores the shortcut options (as config already does for `shortcut`); λ becomes a
+        float so that 1 and 1.0 name the same net. Call it on a valid spec.
+        """
+        if self.arch == "plain":
+            return replace(self, shortcut="A", shortcut_scale=1.0)
+        return replace(self, shortcut_scale=float(self.shortcut_scale))
+
+    def non_default(self) -> tuple[tuple[str, object], ...]:
+        """The options, other than arch and depth, in which this net differs from the 2015 net, in field order.
+
+        Empty for the default nets, so names and fingerprints built from it stay as they were.
+        """
+        spec, default = self.canonical(), NetSpec(self.arch, self.depth)
+        names = [f.name for f in fields(self) if f.name not in ("arch", "depth")]
+        return tuple((name, getattr(spec, name)) for name in names if getattr(spec, name) != getattr(default, name))
+
+
+def _choice_error(key: str, value: object, allowed: tuple[str, ...]) -> str | None:
+    if value not in allowed:
+        return f"{key} must be one of {', '.join(allowed)}; got {value!r}"
+    return None
+
+
+def net_spec_error(spec: NetSpec) -> str | None:
+    """Why `spec` names no net that can be built and trained, or None when it is fine.
+
+    Refused combinations: zero_gamma on a plain net (its first block would output zeros, so the net's
+    output would not depend on the input) and zero_gamma without BatchNorm (there is no γ to zero).
+    Allowed on purpose: a `pre` plain net (the pre-activation layers without the additions, the fair
+    partner of a `pre` ResNet) and delta_orthogonal with fewer outputs than inputs (the centre tap is
+    then a matrix with orthonormal rows; the CIFAR nets never need it).
+    """
+    problem = (
+        _choice_error("arch", spec.arch, ARCHS)
+        or depth_error(spec.depth)
+        or _choice_error("family", spec.family, FAMILIES)
+        or _choice_error("shortcut", spec.shortcut, SHORTCUTS)
+        or _choice_error("init", spec.init, INITS)
+        or _choice_error("norm", spec.norm, NORMS)
+        or _choice_error("block", spec.block, BLOCK_ORDERS)
+    )
+    if problem:
+        return problem
+    scale = spec.shortcut_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        return f"shortcut_scale must be a finite number (1 = the ResNet, 0 = the plain net); got {scale!r}"
+    if spec.init == "zero_gamma" and spec.arch == "plain":
+        return "init zero_gamma needs arch residual: a plain net whose blocks output zeros ignores its input"
+    if spec.init == "zero_gamma" and spec.norm == "none":
+        return "init zero_gamma needs norm bn: without BatchNorm there is no γ to set to zero"
+    return None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from depthlab.models import PadShortcut, PlainBlock, ProjectionShortcut, ResidualBlock, build_model, count_macs, count_params
+from depthlab.models import PadShortcut, PostBlock, ProjectionShortcut, build_model, count_macs, count_params
 
 # Table 6 of the paper, in millions of parameters (option A shortcuts).
 PAPER_PARAMS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
@@ -62,7 +62,7 @@ def test_multiply_accumulates_grow_linearly_with_depth() -> None:
 
 
 def test_the_shortcut_is_added_before_the_final_relu() -> None:
-    block = ResidualBlock(4, 4)
+    block = PostBlock(4, 4, shortcut=nn.Identity())
     with torch.no_grad():  # make the branch output exactly -1 everywhere
         block.bn2.weight.zero_()
         block.bn2.bias.fill_(-1.0)
@@ -74,7 +74,7 @@ def test_the_shortcut_is_added_before_the_final_relu() -> None:
 
 def test_a_residual_block_with_zero_weights_is_the_identity_but_a_plain_one_is_not() -> None:
     x = torch.rand(2, 16, 8, 8)  # post-ReLU activations are non-negative
-    residual, plain = ResidualBlock(16, 16), PlainBlock(16, 16)
+    residual, plain = PostBlock(16, 16, shortcut=nn.Identity()), PostBlock(16, 16)
     for block in (residual, plain):
         with torch.no_grad():
             block.conv2.weight.zero_()
