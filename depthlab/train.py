@@ -23,7 +23,6 @@ from typing import Callable, Iterator, Optional, Protocol
 
 import pandas as pd
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,11 +35,8 @@ from .models import build_model, model_size
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
 COMPILE_STEPS = 2  # steps timed as compilation: the first compiles, the second records the CUDA graphs (cudagraph trees warm up once first)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor modes that replay the step as CUDA graphs
-COMPILER_ERRORS = (  # the compiler failing, which eager mode does not need (InductorError is a BackendCompilerFailed)
-    torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.TorchRuntimeError, torch._dynamo.exc.Unsupported,
-    torch._dynamo.exc.InternalTorchDynamoError, torch._dynamo.exc.TritonUnavailableError,
-)
-DEVICE_ERRORS = (torch.OutOfMemoryError, torch.AcceleratorError)  # eager mode would fail the same way: never a reason to fall back
+DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,  # eager mode would fail the same way: never a reason to fall back
+                 *([torch.AcceleratorError] if hasattr(torch, "AcceleratorError") else []))  # a CUDA fault; a plain RuntimeError in older torch
 
 
 class CellEvents(Protocol):
@@ -128,6 +124,17 @@ class Schedule:
         return float(f"{self.lr * self.decay ** sum(iteration >= m for m in self.milestones):.12g}")  # 0.001, not 0.0010000000000000002
 
 
+def compiler_errors() -> tuple[type[Exception], ...]:
+    """The compiler failing, which eager mode does not need.
+
+    Inductor wraps whatever fails inside it (a missing Triton, a C++ build) in InductorError, a
+    BackendCompilerFailed. Looked up on demand: importing torch._dynamo takes seconds that eager
+    runs need not spend.
+    """
+    exc = torch._dynamo.exc
+    return exc.BackendCompilerFailed, exc.TorchRuntimeError, exc.Unsupported, exc.InternalTorchDynamoError
+
+
 def device_error_inside(err: BaseException) -> Optional[BaseException]:
     """The out-of-memory or device error that a compiler error wraps, if any (autotuning runs kernels too)."""
     while err is not None:
@@ -197,7 +204,9 @@ class TrainStep:
     def _run_or_fall_back(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             return self._run(x, y)
-        except COMPILER_ERRORS as err:
+        except Exception as err:
+            if not isinstance(err, compiler_errors()):
+                raise
             device_error = device_error_inside(err)
             if device_error is not None:
                 raise device_error from err
@@ -274,18 +283,20 @@ class TrainingSetup:
 def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
     """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use.
 
-    Each call empties the compiler's caches: dynamo keeps at most 8 graphs of one function
-    (`CifarNet.forward`) per process and runs any further net eagerly without a word, and the
-    reset also frees the previous cell's CUDA-graph memory.
+    A compiled step starts from empty compiler caches: dynamo keeps at most 8 graphs of one
+    function (`CifarNet.forward`) per process and runs any further net eagerly without a word,
+    and the reset also frees the previous cell's CUDA-graph memory.
     """
     configure_device(device, runtime.deterministic)
-    torch._dynamo.reset()
+    compile_mode = resolve_compile(runtime.compile, device)
+    if compile_mode != "none":
+        torch._dynamo.reset()
     torch.manual_seed(cell.seed)
     model = build_model(cell.arch, cell.depth, cell.shortcut).to(device)
     memory_format = resolve_memory_format(runtime, device)
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, cell.train, device)
-    step = TrainStep(model, optimizer, cell.train.precision == "bf16", resolve_compile(runtime.compile, device), compile_backend)
+    step = TrainStep(model, optimizer, cell.train.precision == "bf16", compile_mode, compile_backend)
     return TrainingSetup(model, optimizer, step, memory_format)
 
 
