@@ -5,7 +5,8 @@ torchvision transforms (RandomCrop with padding, RandomHorizontalFlip, ToTensor,
 a DataLoader with worker processes, an eager fp32 model and `loss.item()` every step.
 depthlab's way keeps the uint8 images on the device and augments whole batches there.
 All figures are measured in this process (or, for K cells at once, in K processes started
-together), on the same model and batch size, so their ratios are fair.
+together), on the same model and batch size and under the same cuDNN settings, so their
+ratios are fair.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from .config import Cell, RuntimeSpec, parse_config
 from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
 from .models import build_model
-from .train import device_name, epoch_generator, make_step, resolve_compile, resolve_device
+from .train import configure_device, device_name, epoch_generator, make_step, resolve_compile, resolve_device, synchronize
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,6 @@ def bench_images(size: int = 10_000) -> Images:
     return synthetic_images(size, 10)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _PilDataset(torch.utils.data.Dataset):
     """What torchvision's CIFAR10 does per item: an HWC uint8 array → PIL image → transforms."""
 
@@ -88,7 +84,10 @@ class _PilDataset(torch.utils.data.Dataset):
 
 def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: int, device: torch.device,
                     images: Images, loader_workers: int) -> float:
-    """Images/s of the usual DataLoader + eager fp32 loop (the baseline)."""
+    """Images/s of the usual DataLoader + eager fp32 loop (the baseline), under the cuDNN settings already in force.
+
+    Not tuned: NCHW, no compilation, no autocast, PyTorch's default SGD kernels.
+    """
     model = build_model(arch, depth).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     loader = torch.utils.data.DataLoader(_PilDataset(images), batch_size=batch_size, shuffle=True, drop_last=True,
@@ -98,7 +97,7 @@ def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: 
     while done < warmup + steps:
         for x, y in loader:
             if done == warmup:
-                _sync(device)
+                synchronize(device)
                 started = time.perf_counter()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
@@ -109,7 +108,7 @@ def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: 
             done += 1
             if done == warmup + steps:
                 break
-    _sync(device)
+    synchronize(device)
     return steps * batch_size / (time.perf_counter() - started)
 
 
@@ -127,7 +126,7 @@ def _depthlab_span(cell: Cell, steps: int, warmup: int, device: torch.device, ru
         generator = epoch_generator(cell.seed, epoch, device)
         for index in epoch_batches(len(images.train_y), batch_size, generator, device):
             if done == warmup:
-                _sync(device)
+                synchronize(device)
                 ready()
                 started = time.time()
             setup.step(training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
@@ -135,7 +134,7 @@ def _depthlab_span(cell: Cell, steps: int, warmup: int, device: torch.device, ru
             if done == warmup + steps:
                 break
         epoch += 1
-    _sync(device)
+    synchronize(device)
     return started, time.time()
 
 
@@ -174,6 +173,7 @@ def run_bench(options: BenchOptions) -> dict:
     """All three measurements and their ratios to the baseline."""
     cell, runtime = options.cell(), options.runtime()
     device = resolve_device(options.device)
+    configure_device(device, runtime.deterministic)  # before the baseline: both sides autotune cuDNN alike
     images = bench_images()
     result: dict[str, Any] = {"model": f"{options.arch}-{options.depth}", "batch_size": options.batch_size,
                               "precision": options.precision, "steps": options.steps, "device": str(device),

@@ -111,6 +111,7 @@ class RuntimeSpec:
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
     channels_last: Union[bool, Literal["auto"]] = "auto"
     eval_batch_size: int = 1000
+    deterministic: bool = False  # GPU: deterministic kernels, no cuDNN autotuning (slower), for bit-identical resumes
 
 
 @dataclass(frozen=True)

@@ -79,12 +79,23 @@ class Summary(TypedDict, total=False):
     macs: int
     epochs: int
     iterations: int
-    train_seconds: float
+    train_seconds: float  # the training loop, without evaluation and (since compile_seconds) without compilation
     images_per_second: float
     device: str
     device_name: str
     finished_at: str
     final: FinalErrors
+    # how it ran (absent from summaries written before these were recorded); none of it changes what the cell means
+    compile_requested: str  # runtime.compile as configured: auto | none | default | reduce-overhead | max-autotune
+    compile_mode: str  # what that resolved to on this device
+    compile_backend: str  # torch.compile's backend (inductor)
+    execution: str  # compiled | eager (as asked) | eager-fallback (the compiler failed: see fallback_reason)
+    fallback_reason: Optional[str]
+    compile_seconds: float  # the first compiled steps of every process that trained the cell, apart from train_seconds
+    deterministic: bool  # runtime.deterministic: deterministic kernels, no cuDNN autotuning
+    cudnn_benchmark: bool  # cuDNN autotuned its convolutions (GPU only)
+    conv_tf32: bool  # fp32 convolutions ran in TF32 (GPU only)
+    float32_matmul_precision: str  # torch.get_float32_matmul_precision(): highest = fp32, high = TF32 on a GPU
 
 
 @dataclass(frozen=True)

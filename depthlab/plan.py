@@ -53,7 +53,7 @@ def make_plan(config: SweepConfig, out_dir: Path, estimate: bool = False, jobs: 
 
     device = resolve_device(config.runtime.device)
     todo = [cell for cell, row in zip(config.cells, rows) if row["status"] != "finished"]
-    k = jobs or (auto_jobs(device, len(todo)) if config.runtime.jobs == "auto" else config.runtime.jobs)
+    k = jobs or (auto_jobs(device, todo, config.runtime) if config.runtime.jobs == "auto" else config.runtime.jobs)
     projection = estimate_seconds(todo, device, config.runtime, config.data.expected_train_images(), k)
     for row in rows:
         row["estimated_seconds"] = projection["cells"].get(row["id"], 0.0)

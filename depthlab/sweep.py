@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import traceback
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -26,15 +27,19 @@ import torch
 import yaml
 
 from . import __version__, files
-from .config import Cell, SweepConfig
+from .config import CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, DataSpec, RuntimeSpec, SweepConfig
 from .data import Images, load_images
 from .layout import CellState, ResultsFolder
-from .models import model_size
+from .models import build_model, model_size
 from .train import CellEvents, device_name, resolve_device, train_cell
 
 GIB = 1024**3
-MEMORY_PER_JOB = 3 * GIB  # a guess, never measured: one cell's data, weights and activations at batch 128, with room to spare
+CUDA_CONTEXT_BYTES = GIB  # a guess, not measured: one process's CUDA context, cuDNN/cuBLAS handles and workspaces
+ACTIVATION_ALLOWANCE = 2.0  # a guess, not measured: backward's transient gradients, cached allocator blocks, a CUDA-graph pool
+PARAMETER_COPIES = 4  # weights, gradients, momentum, and one spare for autocast's bf16 weights or optimizer scratch
 MAX_JOBS_PER_GPU = 6  # a guess, never measured: small nets stop gaining from more processes somewhere around here
+CIFAR10_TEST_IMAGES = 10_000
+IMAGE_BYTES = 3 * 32 * 32 + 8  # uint8 pixels and an int64 label
 
 
 class SweepConflict(Exception):
@@ -90,16 +95,60 @@ def cell_cost(cell: Cell, n_train: int) -> float:
     return model_size(cell.arch, cell.depth, cell.shortcut)[1] * images
 
 
-def auto_jobs(device: torch.device, n_cells: int) -> int:
-    """Cells to train at once: one on the CPU; on GPUs, as many as memory allows, capped per GPU."""
-    if device.type != "cuda" or n_cells <= 1:
+@lru_cache(maxsize=None)
+def saved_activation_bytes(arch: str, depth: int, shortcut: str) -> tuple[int, int]:
+    """Bytes per image that autograd keeps for the backward pass in fp32: in all, and the largest tensor.
+
+    Measured on the CPU, in a forward pass of two images under saved-tensor hooks that count
+    each saved storage once and leave out the parameters; a GPU keeps the same tensors.
+    """
+    model = build_model(arch, depth, shortcut)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        model(torch.zeros(2, 3, 32, 32))
+    return sum(saved.values()) // 2, max(saved.values()) // 2
+
+
+def dataset_bytes(data: DataSpec) -> int:
+    """What a worker keeps on its device: every image as uint8 and every label (a folder dataset is assumed CIFAR-sized)."""
+    synthetic = data.source == "synthetic"
+    train = data.train_size or (SYNTHETIC_TRAIN_IMAGES if synthetic else CIFAR10_TRAIN_IMAGES)
+    test = data.test_size or (SYNTHETIC_TEST_IMAGES if synthetic else CIFAR10_TEST_IMAGES)
+    return (train + test) * IMAGE_BYTES
+
+
+def memory_per_job(cell: Cell, runtime: RuntimeSpec) -> int:
+    """An upper estimate of one worker's GPU memory while it trains `cell` (see docs/performance.md).
+
+    The CUDA context, the dataset, the parameters with their gradients and momentum, and the
+    larger of training's saved activations (with an allowance) and an evaluation batch's.
+    """
+    params, _ = model_size(cell.arch, cell.depth, cell.shortcut)
+    per_image, largest = saved_activation_bytes(cell.arch, cell.depth, cell.shortcut)
+    training = ACTIVATION_ALLOWANCE * per_image * cell.train.batch_size
+    evaluation = 3 * largest * runtime.eval_batch_size  # no_grad: a layer's input, output and one temporary at a time
+    return int(CUDA_CONTEXT_BYTES + dataset_bytes(cell.data) + PARAMETER_COPIES * 4 * params + max(training, evaluation))
+
+
+def auto_jobs(device: torch.device, cells: list[Cell], runtime: RuntimeSpec) -> int:
+    """Cells to train at once: one on the CPU; on GPUs, as many as free memory holds of the largest cell, capped per GPU."""
+    if device.type != "cuda" or len(cells) <= 1:
         return 1
+    per_job = max(memory_per_job(cell, runtime) for cell in cells)
     gpus = torch.cuda.device_count() if device.index is None else 1
     per_gpu = []
     for index in range(gpus) if device.index is None else [device.index]:
         free, _ = torch.cuda.mem_get_info(index)
-        per_gpu.append(max(1, min(MAX_JOBS_PER_GPU, free // MEMORY_PER_JOB)))
-    return int(max(1, min(n_cells, sum(per_gpu))))
+        per_gpu.append(max(1, min(MAX_JOBS_PER_GPU, free // per_job)))
+    return int(max(1, min(len(cells), sum(per_gpu))))
 
 
 def worker_device(device: torch.device, worker: int) -> torch.device:
@@ -259,7 +308,7 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
         return SweepOutcome(results.path, [], skipped, [], moved)
     files.write_json(results.environment, environment(device))  # the latest run; each summary names its device
 
-    jobs = min(auto_jobs(device, len(todo)) if config.runtime.jobs == "auto" else config.runtime.jobs, len(todo))
+    jobs = min(auto_jobs(device, todo, config.runtime) if config.runtime.jobs == "auto" else config.runtime.jobs, len(todo))
     events.sweep_started(SweepStart(name=config.name, out_dir=results.path, total=len(config.cells), finished=len(skipped),
                                     to_train=len(todo), jobs=jobs, device=str(device), device_name=device_name(device)))
     if jobs > 1:

@@ -3,20 +3,23 @@
 The loop keeps the GPU busy: the data is already on the device, a batch is an index gather
 plus batched augmentation, and the running loss and error are summed on the device and read
 once per epoch. Each epoch's shuffling and augmentation come from a generator seeded with
-(seed, epoch), so a cell resumed from its checkpoint ends exactly where an uninterrupted
-run of it would (on the same machine).
+(seed, epoch), so on the CPU a cell resumed from its checkpoint ends exactly where an
+uninterrupted run of it would (on the same machine). On a GPU that holds only with
+`runtime.deterministic`: cuDNN's autotuning may choose other kernels in the resumed process,
+and some kernels add with atomics, so the last bits differ.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import pandas as pd
 import torch
@@ -30,6 +33,10 @@ from .layout import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_model, model_size
 
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
+COMPILE_STEPS = 2  # steps timed as compilation: the first compiles, the second records the CUDA graphs (cudagraph trees warm up once first)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor modes that replay the step as CUDA graphs
+DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,  # eager mode would fail the same way: never a reason to fall back
+                 *([torch.AcceleratorError] if hasattr(torch, "AcceleratorError") else []))  # a CUDA fault; a plain RuntimeError in older torch
 
 
 class CellEvents(Protocol):
@@ -55,10 +62,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def configure_device(device: torch.device) -> None:
-    """Let cuDNN pick the fastest conv algorithms: shapes are static, so it searches once per shape."""
+def configure_device(device: torch.device, deterministic: bool = False) -> None:
+    """cuDNN autotuning (shapes are static, so it searches once per shape), or deterministic kernels on request.
+
+    Deterministic mode gives up autotuning and atomic-add kernels so that a GPU run repeats bit
+    for bit; an op with no deterministic kernel warns rather than stopping the run.
+    """
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace, read when it starts
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kernel_settings(device: torch.device) -> dict[str, bool | str]:
+    """The process-wide settings that decide which kernels ran and in what precision, for the summary."""
+    cuda = device.type == "cuda"
+    return {"deterministic": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_benchmark": cuda and torch.backends.cudnn.benchmark,
+            "conv_tf32": cuda and torch.backends.cudnn.allow_tf32,  # fp32 convolutions rounded to TF32 (cuDNN's default)
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}  # highest: fp32; high: TF32 on a GPU
 
 
 def device_name(device: torch.device) -> str:
@@ -94,14 +124,58 @@ class Schedule:
         return float(f"{self.lr * self.decay ** sum(iteration >= m for m in self.milestones):.12g}")  # 0.001, not 0.0010000000000000002
 
 
-class TrainStep:
-    """One SGD step on a batch, optionally graph-compiled; returns loss and error count on the device."""
+def compiler_errors() -> tuple[type[Exception], ...]:
+    """The compiler failing, which eager mode does not need.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, bf16: bool, compile_mode: str):
+    Inductor wraps whatever fails inside it (a missing Triton, a C++ build) in InductorError, a
+    BackendCompilerFailed. Looked up on demand: importing torch._dynamo takes seconds that eager
+    runs need not spend.
+    """
+    exc = torch._dynamo.exc
+    return exc.BackendCompilerFailed, exc.TorchRuntimeError, exc.Unsupported, exc.InternalTorchDynamoError
+
+
+def device_error_inside(err: BaseException) -> Optional[BaseException]:
+    """The out-of-memory or device error that a compiler error wraps, if any (autotuning runs kernels too)."""
+    while err is not None:
+        if isinstance(err, DEVICE_ERRORS):
+            return err
+        err = getattr(err, "inner_exception", None) or err.__cause__
+    return None
+
+
+class TrainStep:
+    """One SGD step on a batch, optionally graph-compiled; returns loss and error count on the device.
+
+    When the compiler fails, the step trains eagerly from then on and keeps the reason in
+    `fallback_reason`; a device error (out of memory, a CUDA fault) is raised instead, as eager
+    mode would meet it too. The first COMPILE_STEPS compiled steps are timed into
+    `compile_seconds`, so that training time and throughput leave compilation out.
+    `backend` is torch.compile's; tests pass a cheap one (`aot_eager`) or a recording function.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, bf16: bool, compile_mode: str,
+                 backend: str | Callable = "inductor"):
         self.model, self.optimizer, self.bf16 = model, optimizer, bf16
-        self.forward = model if compile_mode == "none" else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        self.compile_mode, self.backend = compile_mode, backend
         self.compiled = compile_mode != "none"
-        self.cudagraphs = compile_mode == "reduce-overhead"
+        inductor_mode = compile_mode if backend == "inductor" and compile_mode != "default" else None  # other backends take no mode
+        self.forward = torch.compile(model, backend=backend, mode=inductor_mode) if self.compiled else model
+        self.cudagraphs = self.compiled and backend == "inductor" and compile_mode in CUDA_GRAPH_MODES
+        self.fallback_reason: Optional[str] = None
+        self.compile_seconds = 0.0
+        self.timed_steps = 0
+
+    @property
+    def execution(self) -> str:
+        """What trains: `compiled`, `eager` (as asked) or `eager-fallback` (the compiler failed)."""
+        if self.compile_mode == "none":
+            return "eager"
+        return "eager-fallback" if self.fallback_reason else "compiled"
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend if isinstance(self.backend, str) else getattr(self.backend, "__name__", repr(self.backend))
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cudagraphs:
@@ -117,10 +191,27 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.compiled:
             return self._run(x, y)
+        if self.timed_steps >= COMPILE_STEPS:
+            return self._run_or_fall_back(x, y)
+        synchronize(x.device)
+        started = time.perf_counter()
+        result = self._run_or_fall_back(x, y)
+        synchronize(x.device)
+        self.compile_seconds += time.perf_counter() - started
+        self.timed_steps += 1
+        return result
+
+    def _run_or_fall_back(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             return self._run(x, y)
-        except Exception as err:  # a compiler failure must not cost the run: fall back to eager
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); training this cell eagerly")
+        except Exception as err:
+            if not isinstance(err, compiler_errors()):
+                raise
+            device_error = device_error_inside(err)
+            if device_error is not None:
+                raise device_error from err
+            self.fallback_reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]  # compiler messages run to pages
+            warnings.warn(f"torch.compile failed ({self.fallback_reason}); training this cell eagerly")
             self.forward, self.compiled, self.cudagraphs = self.model, False, False
             return self._run(x, y)
 
@@ -174,7 +265,9 @@ class TrainState:
     iteration: int = 0
     rows: list[dict] = field(default_factory=list)  # metrics.csv so far
     warming_up: bool = False
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the training loop, less compilation and evaluation
+    compile_seconds: float = 0.0  # the compiled steps timed as compilation, in every process that trained the cell
+    fallback_reason: Optional[str] = None  # why a process gave up compiling and trained eagerly
 
 
 @dataclass
@@ -187,15 +280,23 @@ class TrainingSetup:
     memory_format: torch.memory_format
 
 
-def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec) -> TrainingSetup:
-    """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use."""
-    configure_device(device)
+def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
+    """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use.
+
+    A compiled step starts from empty compiler caches: dynamo keeps at most 8 graphs of one
+    function (`CifarNet.forward`) per process and runs any further net eagerly without a word,
+    and the reset also frees the previous cell's CUDA-graph memory.
+    """
+    configure_device(device, runtime.deterministic)
+    compile_mode = resolve_compile(runtime.compile, device)
+    if compile_mode != "none":
+        torch._dynamo.reset()
     torch.manual_seed(cell.seed)
     model = build_model(cell.arch, cell.depth, cell.shortcut).to(device)
     memory_format = resolve_memory_format(runtime, device)
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, cell.train, device)
-    step = TrainStep(model, optimizer, cell.train.precision == "bf16", resolve_compile(runtime.compile, device))
+    step = TrainStep(model, optimizer, cell.train.precision == "bf16", compile_mode, compile_backend)
     return TrainingSetup(model, optimizer, step, memory_format)
 
 
@@ -255,11 +356,13 @@ def _save_epoch(folder: CellFolder, cell: Cell, setup: TrainingSetup, state: Tra
 
 
 def train_cell(cell: Cell, images: Images, device: torch.device, runtime: RuntimeSpec, cell_dir: Path,
-               events: CellEvents | None = None, stop_after_epochs: int | None = None) -> dict:
+               events: CellEvents | None = None, stop_after_epochs: int | None = None,
+               compile_backend: str | Callable = "inductor") -> dict:
     """Train `cell` on `images` (already on `device`), writing metrics, checkpoints and a summary to `cell_dir`.
 
     Resumes from the cell's checkpoint when one exists. `stop_after_epochs` ends the call early
     (as an interruption would), leaving the checkpoint for a later call to continue from.
+    `compile_backend` is torch.compile's backend when `runtime.compile` compiles.
     """
     folder = CellFolder(cell_dir)
     spec = cell.train
@@ -269,7 +372,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     except ValueError as err:
         raise ValueError(f"{cell.id}: {err}") from None
     schedule = Schedule.for_cell(spec, length)
-    setup = make_step(cell, device, runtime)
+    setup = make_step(cell, device, runtime, compile_backend)
     normalize = Normalizer(images.train_x, cell.data.normalize)
     bf16 = spec.precision == "bf16"
 
@@ -287,14 +390,14 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     while state.iteration < schedule.total and not diverged:
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             return {"id": cell.id, "status": "interrupted", "epochs": state.epoch}
-        started = time.perf_counter()
+        started, compiled_before = time.perf_counter(), setup.step.compile_seconds
         setup.model.train()
         generator = epoch_generator(cell.seed, state.epoch, device)
         batches = ((training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
                    for index in epoch_batches(n_train, spec.batch_size, generator, device))
         train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device)
         diverged = not math.isfinite(train_loss)
-        state.train_seconds += time.perf_counter() - started
+        _book_training_time(state, setup.step, time.perf_counter() - started, setup.step.compile_seconds - compiled_before)
         row = {"epoch": state.epoch + 1, "iteration": state.iteration, "lr": lr, "train_loss": train_loss, "train_err": train_err}
         row["test_loss"], row["test_err"] = evaluate_on(images.test_x, images.test_y)
         if images.val_y is not None:
@@ -307,7 +410,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         if events:
             events.epoch_done(cell.id, row)
 
-    summary = _summary(cell, state, diverged, device)
+    summary = _summary(cell, state, diverged, device, runtime, setup.step)
     if not diverged:
         clean_loss, clean_err = evaluate_on(images.train_x, images.train_y)
         summary["final"].update(clean_train_loss=clean_loss, clean_train_err=clean_err)
@@ -318,13 +421,28 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     return summary
 
 
-def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device) -> Summary:
-    """summary.json of an ended cell (the clean training error is added by the caller when there is one)."""
+def _book_training_time(state: TrainState, step: TrainStep, elapsed: float, compiling: float) -> None:
+    """Split an epoch's training-loop time into compilation and training, and keep any fallback's reason."""
+    state.compile_seconds += compiling
+    state.train_seconds += elapsed - compiling
+    state.fallback_reason = state.fallback_reason or step.fallback_reason
+
+
+def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device, runtime: RuntimeSpec,
+             step: TrainStep) -> Summary:
+    """summary.json of an ended cell (the clean training error is added by the caller when there is one).
+
+    `images_per_second` counts every step, though the few timed as compilation are not in `train_seconds`.
+    """
     params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
     last = state.rows[-1]
+    execution = "eager-fallback" if state.fallback_reason else step.execution
     return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
                    params=params, macs=macs, epochs=state.epoch, iterations=state.iteration,
                    train_seconds=state.train_seconds, device=str(device), device_name=device_name(device),
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    images_per_second=state.iteration * cell.train.batch_size / max(state.train_seconds, 1e-9),
-                   final={k: v for k, v in last.items() if k not in ("epoch", "iteration", "lr", "seconds")})
+                   final={k: v for k, v in last.items() if k not in ("epoch", "iteration", "lr", "seconds")},
+                   compile_requested=runtime.compile, compile_mode=step.compile_mode, compile_backend=step.backend_name,
+                   execution=execution, fallback_reason=state.fallback_reason, compile_seconds=state.compile_seconds,
+                   **kernel_settings(device))

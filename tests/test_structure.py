@@ -60,8 +60,8 @@ def test_bench_times_the_step_that_the_sweep_trains(monkeypatch: pytest.MonkeyPa
     built = []
     real = train_module.make_step
 
-    def spy(cell, device, runtime):
-        setup = real(cell, device, runtime)
+    def spy(cell, device, runtime, *backend):
+        setup = real(cell, device, runtime, *backend)
         built.append((cell, setup))
         return setup
 
