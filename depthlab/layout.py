@@ -83,6 +83,7 @@ class Summary(TypedDict, total=False):
     images_per_second: float
     device: str
     device_name: str
+    cpu_threads: int  # torch's intra-op threads of the run that finished the cell: on a CPU, part of what fixes the rounding
     finished_at: str
     final: FinalErrors
 
