@@ -3,7 +3,7 @@
     results/<name>/
         sweep.yaml          the config as run (every cell spelled out)
         environment.json    versions, device and git commit of the latest run
-        .lock               held while a sweep runs in this folder
+        .lock               held while a sweep, or any of its workers, runs in this folder
         report.md, report.csv, figure6.png
         cells/<id>/
             config.json     what defines the cell, its fingerprint and its run length
