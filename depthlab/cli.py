@@ -22,13 +22,15 @@ console = Console(soft_wrap=True)  # long paths and messages stay on one line in
 errors = Console(stderr=True, soft_wrap=True)
 
 USER_ERROR = 2
+RUN_ERROR = 1
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Mistakes in what the user gave us end with a one-line message and exit code 2, not a traceback."""
+    """Mistakes in what the user gave us end with a one-line message and exit code 2, not a traceback;
+    a results folder that cannot be written (full disk, read-only) with one line and exit code 1."""
     from .report import ReportError
-    from .sweep import SweepConflict
+    from .sweep import StorageError, SweepConflict
     from .train import DeviceError
 
     try:
@@ -36,6 +38,9 @@ def user_errors() -> Iterator[None]:
     except (ConfigError, DataError, DeviceError, SweepConflict, ReportError) as err:
         errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR)
+    except StorageError as err:
+        errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(RUN_ERROR)
 
 
 def _load(config: Path, data: Optional[str], device: Optional[str], jobs: Optional[int] = None):

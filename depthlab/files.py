@@ -16,11 +16,12 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's private 0600 would hide results from others
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # an atomic write's temporary file: .<target name>.<random>.tmp next to its target
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -29,6 +30,17 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in `folder` (a SIGKILL skips their cleanup).
+
+    Only call it while no one else writes there: a live writer's temporary file would go too.
+    """
+    stale = sorted(folder.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: Path, text: str) -> None:

@@ -3,7 +3,7 @@
     results/<name>/
         sweep.yaml          the config as run (every cell spelled out)
         environment.json    versions, device and git commit of the latest run
-        .lock               held while a sweep runs in this folder
+        .lock               held while a sweep, or any of its workers, runs in this folder
         report.md, report.csv, figure6.png
         cells/<id>/
             config.json     what defines the cell, its fingerprint and its run length
@@ -83,6 +83,7 @@ class Summary(TypedDict, total=False):
     images_per_second: float
     device: str
     device_name: str
+    cpu_threads: int  # torch's intra-op threads of the run that finished the cell: on a CPU, part of what fixes the rounding
     finished_at: str
     final: FinalErrors
     # how it ran (absent from summaries written before these were recorded); none of it changes what the cell means

@@ -9,11 +9,13 @@ display chosen by the CLI, or anything else) what happens.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import fcntl
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -21,7 +23,8 @@ import traceback
 from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from multiprocessing import connection, reduction
+from typing import Any, Callable, Iterator, Literal, Protocol
 
 import torch
 import yaml
@@ -160,37 +163,146 @@ def worker_device(device: torch.device, worker: int) -> torch.device:
 
 # ----------------------------------------------------------------------------- running
 
-
-class QueueEvents:
-    """Forwards a worker's events to the parent process, and ends the worker if the parent is gone."""
-
-    def __init__(self, events: Any):
-        self.events, self.parent = events, os.getppid()
-
-    def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None:
-        self.events.put(("started", cell_id, total_epochs, done_epochs))
-
-    def epoch_done(self, cell_id: str, row: dict) -> None:
-        if os.getppid() != self.parent:  # the sweep was killed: stop before a re-run trains this cell too
-            os._exit(1)
-        self.events.put(("epoch", cell_id, row))
+Fault = Literal["cell", "worker", "storage"]
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+DEAD_CONTEXT_MARKERS = ("CUDA error", "illegal memory access", "device-side assert")
+ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", ())  # torch >= 2.8 raises it for CUDA errors; older ones a RuntimeError
+WORKER_FAULT_RETRIES = 2  # a guess: a cell that kills two fresh workers more is itself the cause, not bad luck
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+WORKER_EXIT_SECONDS = 30.0  # a guess: how long a worker that got its stop signal may take to finish exiting
 
 
-def _train_safely(cell: Cell, images: Images, device: torch.device, config: SweepConfig, out_dir: Path,
-                  events: CellEvents) -> tuple[dict | None, str | None]:
-    """Train one cell; an unexpected error fails this cell, not the sweep."""
+class StorageError(Exception):
+    """The results folder cannot be written (disk full, read-only, no permission): every cell would fail the same way."""
+
+
+def classify_error(err: BaseException) -> Fault:
+    """Whom an exception condemns: the cell, the worker process (a dead CUDA context), or the whole sweep (storage)."""
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        return "storage"
+    if isinstance(err, ACCELERATOR_ERROR) or (isinstance(err, RuntimeError) and any(m in str(err) for m in DEAD_CONTEXT_MARKERS)):
+        return "worker"
+    return "cell"
+
+
+def storage_message(err: OSError, where: Path) -> str:
+    """One line: which path could not be written, why, and that running the command again continues."""
+    return (f"{err.filename or where}: cannot write the results: {err.strerror or err}; finished cells and the last "
+            "checkpoint of each other cell are kept: free space or make the folder writable (or use another --out), "
+            "then run the same command again")
+
+
+@contextlib.contextmanager
+def storage_errors(where: Path) -> Iterator[None]:
+    """A write that fails because of the disk or permissions becomes one StorageError line, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        if classify_error(err) != "storage":
+            raise
+        raise StorageError(storage_message(err, where)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CellOutcome:
+    """How one attempt at a cell ended: its summary, or its error and whom that error condemns."""
+
+    summary: dict | None
+    error: str | None = None
+    fault: Fault | None = None
+
+
+def run_cell(cell: Cell, images: Images, device: torch.device, config: SweepConfig, out_dir: Path, events: CellEvents,
+             before_write: Callable[[], None] | None = None) -> CellOutcome:
+    """Train one cell, from wherever it stopped; an error is returned, not raised, so that the other cells still run.
+
+    The whole unit of work of a sweep: a worker process here, or a remote one, calls only this.
+    """
     folder = ResultsFolder(out_dir).cell(cell.id)
     try:
-        return train_cell(cell, images, device, config.runtime, folder.path, events), None
+        files.remove_temp_files(folder.path)  # the sweep's lock makes this the only writer of the folder
+        return CellOutcome(train_cell(cell, images, device, config.runtime, folder.path, events, before_write=before_write))
     except KeyboardInterrupt:
         raise
     except Exception as err:  # recorded per cell so that the other cells still run
-        files.write_text(folder.error_log, traceback.format_exc())
-        return None, f"{type(err).__name__}: {err}"
+        fault = classify_error(err)
+        if fault == "storage":  # writing error.txt would fail the same way
+            return CellOutcome(None, storage_message(err, folder.path), fault)
+        if before_write:
+            before_write()
+        try:
+            files.write_text(folder.error_log, traceback.format_exc())
+        except OSError as log_err:
+            if classify_error(log_err) != "storage":
+                raise
+            return CellOutcome(None, storage_message(log_err, folder.path), "storage")
+        return CellOutcome(None, f"{type(err).__name__}: {err}", fault)
 
 
-def _worker(rank: int, config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, jobs: int, tasks: Any, events: Any) -> None:
-    """A worker process: load the data onto its device once, then train cells from the queue."""
+class SharedLock:
+    """The sweep's folder lock, handed to a worker process: the folder stays locked until every holder has exited.
+
+    Pickling it for a spawned process passes the descriptor itself (the same open file, hence the same
+    flock), so a worker that outlives its sweep for a moment still keeps a second sweep out.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return _adopt_lock, (reduction.DupFd(self.fd),)
+
+
+def _adopt_lock(inherited: Any) -> SharedLock:
+    return SharedLock(inherited.detach())
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when the sweep process dies (Linux), and end now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: exit_if_orphaned before each write is the fallback
+        pass
+    exit_if_orphaned(parent_pid)
+
+
+def exit_if_orphaned(parent_pid: int) -> None:
+    """End this worker at once when its sweep is gone: a new sweep may already be training its cell."""
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class PipeEvents:
+    """Forwards a worker's events to the parent process, over the worker's own pipe."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None:
+        self.conn.send(("started", cell_id, total_epochs, done_epochs))
+
+    def epoch_done(self, cell_id: str, row: dict) -> None:
+        self.conn.send(("epoch", cell_id, row))
+
+
+def serve(conn: Any, run: Callable[[int], CellOutcome]) -> None:
+    """A worker's loop: train the cells the parent sends until it sends None, or until this process is unfit.
+
+    Each worker has its own pipe and waits on it: no shared queue whose lock a crashed worker could
+    keep, and no non-blocking read that mistakes a busy queue for an empty one.
+    """
+    while (index := conn.recv()) is not None:
+        outcome = run(index)
+        conn.send(("ended", index, outcome))
+        if outcome.fault in ("worker", "storage"):
+            return
+
+
+def _worker(rank: int, parent_pid: int, lock: SharedLock, config: SweepConfig, cells: list[Cell], out_dir: Path,
+            device: torch.device, jobs: int, conn: Any) -> None:
+    """A worker process: load the data onto its device once, then train the cells it is sent."""
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     device = worker_device(device, rank)
     if device.type == "cpu":
@@ -198,51 +310,115 @@ def _worker(rank: int, config: SweepConfig, cells: list[Cell], out_dir: Path, de
     else:
         torch.cuda.set_device(device)
     images = load_images(config.data).to(device)
-    forward = QueueEvents(events)
-    while True:
-        try:
-            index = tasks.get_nowait()
-        except queue.Empty:
-            return
-        summary, error = _train_safely(cells[index], images, device, config, out_dir, forward)
-        events.put(("ended", cells[index].id, summary, error))
+    forward = PipeEvents(conn)
+    serve(conn, lambda index: run_cell(cells[index], images, device, config, out_dir, forward,
+                                       before_write=lambda: exit_if_orphaned(parent_pid)))
+
+
+def next_step(outcome: CellOutcome, attempts: int) -> Literal["record", "retry", "stop"]:
+    """What the sweep does with an attempt's outcome, after `attempts` attempts at that cell.
+
+    A storage error stops the sweep; a cell that killed its worker is retried on a fresh one, a bounded
+    number of times, then recorded as failed like any other.
+    """
+    if outcome.fault == "storage":
+        return "stop"
+    if outcome.fault == "worker" and attempts <= WORKER_FAULT_RETRIES:
+        return "retry"
+    return "record"
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    """The parent's side of one worker: its process, its pipe, and the cell it was sent."""
+
+    process: Any
+    conn: Any
+    cell: int | None = None
 
 
 def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, jobs: int,
-                  display: SweepEvents) -> list[str]:
+                  display: SweepEvents, lock_fd: int, target: Callable[..., None] = _worker) -> list[str]:
+    """Train `cells` in `jobs` worker processes (`target`), replacing each one that a cell leaves unfit."""
     context = torch.multiprocessing.get_context("spawn")
-    tasks, events = context.Queue(), context.Queue()
-    for index in range(len(cells)):
-        tasks.put(index)
-    workers = [context.Process(target=_worker, args=(rank, config, cells, out_dir, device, jobs, tasks, events), daemon=True)
-               for rank in range(jobs)]
-    for w in workers:
-        w.start()
+    pending = collections.deque(range(len(cells)))
+
+    def start(rank: int) -> WorkerHandle:
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=target, daemon=True, args=(rank, os.getpid(), SharedLock(lock_fd), config, cells,
+                                                                     out_dir, device, jobs, child_conn))
+        process.start()
+        child_conn.close()  # the worker's end lives in the worker only: its death reads as end of file here
+        return WorkerHandle(process, conn)
+
+    workers = {rank: start(rank) for rank in range(jobs)}
+    retired: list[Any] = []  # processes no longer sent anything, on their way out
+    attempts = [0] * len(cells)
     failed, ended = [], 0
+
+    def settle(rank: int, index: int, outcome: CellOutcome) -> None:
+        nonlocal ended
+        workers[rank].cell = None
+        attempts[index] += 1
+        step = next_step(outcome, attempts[index])
+        if step == "stop":
+            raise StorageError(outcome.error)
+        if outcome.fault == "worker":  # that process is gone or going: a fresh one takes its place
+            retired.append(workers[rank].process)
+            workers[rank].conn.close()
+            workers[rank] = start(rank)
+        if step == "retry":
+            pending.append(index)
+            return
+        ended += 1
+        if outcome.error:
+            failed.append(cells[index].id)
+        display.cell_ended(cells[index].id, outcome.summary, outcome.error)
+
+    def lost(rank: int) -> None:
+        """A worker's pipe closed without a word: the process died (a crash, the OOM killer)."""
+        handle = workers[rank]
+        handle.process.join(WORKER_EXIT_SECONDS)
+        if handle.cell is not None:
+            settle(rank, handle.cell, CellOutcome(None, f"its worker process died (exit code {handle.process.exitcode})", "worker"))
+        else:  # died idle, e.g. while loading the data: a fresh one would likely die the same way
+            retired.append(handle.process)
+            handle.conn.close()
+            del workers[rank]
+
     try:
         while ended < len(cells):
-            try:
-                event = events.get(timeout=1.0)
-            except queue.Empty:
-                if not any(w.is_alive() for w in workers):
-                    raise RuntimeError("all worker processes exited before the sweep finished (see the messages above)")
-                continue
-            kind, cell_id, *rest = event
-            if kind == "started":
-                display.cell_started(cell_id, *rest)
-            elif kind == "epoch":
-                display.epoch_done(cell_id, *rest)
-            else:
-                summary, error = rest
-                ended += 1
-                if error:
-                    failed.append(cell_id)
-                display.cell_ended(cell_id, summary, error)
+            for handle in workers.values():
+                if handle.cell is None and pending:
+                    handle.cell = pending.popleft()
+                    with contextlib.suppress(BrokenPipeError):  # it just died: its end of file is read below
+                        handle.conn.send(handle.cell)
+            if not workers:
+                raise RuntimeError("all worker processes exited before the sweep finished (see the messages above)")
+            by_conn = {handle.conn: rank for rank, handle in workers.items()}
+            for conn in connection.wait(list(by_conn)):
+                rank = by_conn[conn]
+                try:
+                    kind, *rest = conn.recv()
+                except EOFError:
+                    lost(rank)
+                    continue
+                if kind == "started":
+                    display.cell_started(*rest)
+                elif kind == "epoch":
+                    display.epoch_done(*rest)
+                else:
+                    settle(rank, *rest)
+        for handle in workers.values():
+            with contextlib.suppress(BrokenPipeError):
+                handle.conn.send(None)
+        for process in [*(handle.process for handle in workers.values()), *retired]:
+            process.join(WORKER_EXIT_SECONDS)
     finally:
-        for w in workers:
-            if w.is_alive():
-                w.terminate()
-            w.join()
+        for process in [*(handle.process for handle in workers.values()), *retired]:
+            if process.is_alive():
+                process.terminate()
+            process.join()
     return failed
 
 
@@ -251,10 +427,12 @@ def _run_inline(config: SweepConfig, images: Images, cells: list[Cell], out_dir:
     images = images.to(device)
     failed = []
     for cell in cells:
-        summary, error = _train_safely(cell, images, device, config, out_dir, display)
-        if error:
+        outcome = run_cell(cell, images, device, config, out_dir, display)
+        if outcome.fault == "storage":
+            raise StorageError(outcome.error)
+        if outcome.error:
             failed.append(cell.id)
-        display.cell_ended(cell.id, summary, error)
+        display.cell_ended(cell.id, outcome.summary, outcome.error)
     return failed
 
 
@@ -268,27 +446,30 @@ class SweepOutcome:
 
 
 @contextlib.contextmanager
-def exclusive(out_dir: Path) -> Iterator[None]:
-    """One sweep at a time per results folder: a second one would train the same cells twice."""
+def exclusive(out_dir: Path) -> Iterator[int]:
+    """One sweep at a time per results folder: a second one would train the same cells twice.
+
+    Yields the lock's descriptor, for the workers to share (SharedLock).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(os.open(ResultsFolder(out_dir).lock, os.O_RDWR | os.O_CREAT), "rb") as lock:  # opening leaves the file untouched
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SweepConflict(f"{out_dir}: another depthlab sweep is running in this folder; wait for it or stop it first") from None
-        yield  # the lock goes with the process, however it ends
+        yield lock.fileno()  # the lock goes with the last process holding it, however it ends
 
 
 def run_sweep(config: SweepConfig, out_dir: Path, events: SweepEvents, force: bool = False) -> SweepOutcome:
     """Train every cell of `config` that is not finished yet, several at once where that helps."""
     device = resolve_device(config.runtime.device)  # a wrong device or dataset stops the sweep before it writes anything
     images = load_images(config.data)  # decoded and cached once, before any worker starts
-    with exclusive(out_dir):
-        return _run_sweep(config, images, device, ResultsFolder(out_dir), events, force)
+    with storage_errors(out_dir), exclusive(out_dir) as lock_fd:
+        return _run_sweep(config, images, device, ResultsFolder(out_dir), events, force, lock_fd)
 
 
 def _run_sweep(config: SweepConfig, images: Images, device: torch.device, results: ResultsFolder, events: SweepEvents,
-               force: bool) -> SweepOutcome:
+               force: bool, lock_fd: int) -> SweepOutcome:
     states = {cell.id: cell_state(results.path, cell) for cell in config.cells}
     stale = [cell for cell in config.cells if states[cell.id] is CellState.STALE]
     if stale and not force:
@@ -312,7 +493,7 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
     events.sweep_started(SweepStart(name=config.name, out_dir=results.path, total=len(config.cells), finished=len(skipped),
                                     to_train=len(todo), jobs=jobs, device=str(device), device_name=device_name(device)))
     if jobs > 1:
-        failed = _run_parallel(config, todo, results.path, device, jobs, events)
+        failed = _run_parallel(config, todo, results.path, device, jobs, events, lock_fd)
     else:
         failed = _run_inline(config, images, todo, results.path, device, events)
     return SweepOutcome(results.path, [c.id for c in todo], skipped, failed, moved)

@@ -357,13 +357,16 @@ def _save_epoch(folder: CellFolder, cell: Cell, setup: TrainingSetup, state: Tra
 
 def train_cell(cell: Cell, images: Images, device: torch.device, runtime: RuntimeSpec, cell_dir: Path,
                events: CellEvents | None = None, stop_after_epochs: int | None = None,
-               compile_backend: str | Callable = "inductor") -> dict:
+               compile_backend: str | Callable = "inductor", before_write: Callable[[], None] | None = None) -> dict:
     """Train `cell` on `images` (already on `device`), writing metrics, checkpoints and a summary to `cell_dir`.
 
     Resumes from the cell's checkpoint when one exists. `stop_after_epochs` ends the call early
     (as an interruption would), leaving the checkpoint for a later call to continue from.
     `compile_backend` is torch.compile's backend when `runtime.compile` compiles.
+    `before_write` is called before each write to `cell_dir`: a worker whose sweep is gone ends
+    itself there rather than write where a new sweep may already be training.
     """
+    guard = before_write or (lambda: None)
     folder = CellFolder(cell_dir)
     spec = cell.train
     n_train = len(images.train_y)
@@ -380,6 +383,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         return evaluate(setup.model, x, y, normalize, runtime.eval_batch_size, bf16)
 
     state = _resume(folder, cell, setup, device)
+    guard()
     files.write_json(folder.config, {**cell.to_dict(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path,
                                      "run_length": asdict(length)})
     if events:
@@ -406,6 +410,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         state.epoch += 1
         state.rows.append(row)
         epochs_this_call += 1
+        guard()
         _save_epoch(folder, cell, setup, state)
         if events:
             events.epoch_done(cell.id, row)
@@ -414,8 +419,11 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     if not diverged:
         clean_loss, clean_err = evaluate_on(images.train_x, images.train_y)
         summary["final"].update(clean_train_loss=clean_loss, clean_train_err=clean_err)
+        guard()
         files.save_torch(folder.weights, setup.model.state_dict())
+    guard()
     files.write_json(folder.summary, summary)
+    guard()
     folder.mark_done(cell.fingerprint())
     folder.checkpoint.unlink(missing_ok=True)
     return summary
@@ -440,6 +448,7 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
     return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
                    params=params, macs=macs, epochs=state.epoch, iterations=state.iteration,
                    train_seconds=state.train_seconds, device=str(device), device_name=device_name(device),
+                   cpu_threads=torch.get_num_threads(),
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    images_per_second=state.iteration * cell.train.batch_size / max(state.train_seconds, 1e-9),
                    final={k: v for k, v in last.items() if k not in ("epoch", "iteration", "lr", "seconds")},
