@@ -409,7 +409,7 @@ def expand_grid(options: dict[str, Any], source: str, where: str, limit: int = M
         values.append([_check(v, _option_hint(key), source, f"{where}.{key}") for v in choices])
     count = math.prod(map(len, values))
     if count > limit:
-        raise ConfigError(source, where, f"makes {count:,} cells; a sweep may have at most {MAX_CELLS:,} (a sanity bound)")
+        raise ConfigError(source, where, f"makes {count:,} cells, which brings the sweep past {MAX_CELLS:,} cells (a sanity bound)")
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
@@ -458,8 +458,12 @@ def _name_variants(cells: list[Cell]) -> list[Cell]:
 
 def _name_error(name: Any) -> Optional[str]:
     """Why `name` cannot be the results folder's name, or None when it can."""
-    if not isinstance(name, str) or not name.strip():
-        return "is required: a non-empty folder name"
+    if name is None:
+        return "is required: the results folder's name"
+    if not isinstance(name, str):
+        return "expected a string: the results folder's name"
+    if not name.strip():
+        return "must not be blank"
     if len(name) > MAX_NAME_LENGTH:
         return f"is {len(name)} characters long; at most {MAX_NAME_LENGTH} make a folder name"
     if not name.isprintable():
