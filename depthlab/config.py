@@ -179,8 +179,9 @@ MAX_EPOCHS = 100_000  # 600x the paper's ~164 epochs
 MAX_IMAGES = 1_000_000  # 20x CIFAR-10's training set; 3 GB as uint8 on the device
 MAX_BATCH_SIZE = 65_536  # more than CIFAR-10's whole training set in one batch
 MAX_CELLS = 10_000  # the paper's Figure 6 is 9 nets; 10,000 cells would take months on one GPU
-MAX_NAME_LENGTH = 100  # the results folder's name
+MAX_NAME_LENGTH = 100  # bytes of the results folder's name
 MAX_CELL_ID_LENGTH = 200  # cells/<id>/ and superseded/<id>-<stamp>/ stay under the usual 255-byte file-name limit
+MAX_CUDA_INDEX = 127  # a fact: torch keeps a device index in 8 signed bits (torch 2.x here: "cuda:99999" became cuda:-97)
 SEED_LIMIT = 2**31  # the trainer seeds torch with seed * 1_000_003 + epoch, which must fit in 64 bits
 
 
@@ -321,7 +322,7 @@ def _check_ranges(spec: Any, ranges: dict[str, Range], source: str, where: str) 
         value = getattr(spec, key)
         if value is None or value == "auto":
             continue
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(source, f"{where}.{key}", f"must be a finite number, got {_show(value)}")
         if value not in allowed:
             raise ConfigError(source, f"{where}.{key}", f"must be in {allowed}, got {_show(value)}")
@@ -359,9 +360,6 @@ def _validate_data(spec: DataSpec, source: str) -> None:
     if left is not None and left < 1:
         raise ConfigError(source, "data.val_split", f"leaves no training images: at most {spec.val_split + left - 1:,} of "
                                                     f"{spec.val_split + left:,} can be held out, got {spec.val_split:,}")
-
-
-MAX_CUDA_INDEX = 127  # torch keeps a device index in 8 signed bits: torch.device("cuda:99999") is cuda:-97
 
 
 def _is_device(name: str) -> bool:
@@ -464,10 +462,10 @@ def _name_error(name: Any) -> Optional[str]:
         return "expected a string: the results folder's name"
     if not name.strip():
         return "must not be blank"
-    if len(name) > MAX_NAME_LENGTH:
-        return f"is {len(name)} characters long; at most {MAX_NAME_LENGTH} make a folder name"
     if not name.isprintable():
         return "must not contain NUL, newlines or other control characters"
+    if len(name.encode()) > MAX_NAME_LENGTH:
+        return f"is {len(name.encode())} bytes long in UTF-8; at most {MAX_NAME_LENGTH} make a folder name"
     if any(c in name for c in "/\\") or name.startswith(".") or name != name.strip():
         return "must be one folder name: no slashes, not starting with a dot, no spaces at either end"
     return None
