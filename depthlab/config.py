@@ -212,7 +212,7 @@ TRAIN_RANGES = {
     "weight_decay": Range(0, MAX_WEIGHT_DECAY),
     "batch_size": Range(1, MAX_BATCH_SIZE),
     "warmup_lr": Range(0, MAX_LR, low_open=True),
-    "warmup_until_err": Range(0, 100, low_open=True),  # a training error in percent
+    "warmup_until_err": Range(0, 100),  # a training error in percent; 0 is never reached: the whole run warms up
 }
 DATA_RANGES = {"train_size": Range(1, MAX_IMAGES), "test_size": Range(1, MAX_IMAGES), "val_split": Range(0, MAX_IMAGES)}
 RUNTIME_RANGES = {"eval_batch_size": Range(1, MAX_BATCH_SIZE), "jobs": Range(1, MAX_CELLS)}
