@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import ConfigError, load_config, with_overrides
@@ -36,10 +37,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, DeviceError, SweepConflict, ReportError) as err:
-        errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR)
     except StorageError as err:
-        errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(RUN_ERROR)
 
 

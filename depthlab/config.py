@@ -4,6 +4,10 @@ A sweep file has the sections `name`, `data`, `model`, `train`, `runtime`, `grid
 `grid` and `cells` use flat cell options (`arch`, `depth`, `seed`, `shortcut` and any `train`
 key); every value may be a list, and each combination becomes one cell. User mistakes raise
 ConfigError, which names the file, the key path, the bad value and what is allowed.
+
+Numbers are read as YAML 1.2 reads them (`5e-4` is a float, not a string), duplicate keys are
+refused, and every number has a range: the ceilings marked "sanity bound" are not facts about
+training but limits past which a sweep would never finish or never fit in memory.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import hashlib
 import itertools
 import json
 import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -30,12 +36,28 @@ SYNTHETIC_TRAIN_IMAGES = 1_000  # the synthetic set's size when data.train_size 
 SYNTHETIC_TEST_IMAGES = 500
 
 
+def _one_line(text: str) -> str:
+    """Control characters escaped, so a message is one line on a terminal however odd the input."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ConfigError(Exception):
-    """A mistake in a sweep file: where it is and what is allowed instead."""
+    """A mistake in a sweep file: where it is and what is allowed instead. Always one line."""
 
     def __init__(self, source: str, key: str, message: str):
+        source, key, message = _one_line(str(source)), _one_line(str(key)), _one_line(message)
         super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
         self.source, self.key, self.message = source, key, message
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_SHOW.maxlist = _SHOW.maxdict = 5
+
+
+def _show(value: Any) -> str:
+    """A bad value for a message: short however large, nested or self-referencing it is."""
+    return _SHOW.repr(value)
 
 
 @dataclass(frozen=True)
@@ -186,6 +208,57 @@ SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "ba
             "iters": "iterations", "max_iters": "iterations", "archs": "arch", "depths": "depth", "seeds": "seed",
             "dataset": "data", "option": "shortcut", "dtype": "precision"}
 
+CIFAR10_TRAIN_IMAGES = 50_000
+SYNTHETIC_TRAIN_IMAGES = 1_000  # data.synthetic_images' default when train_size is not set
+
+# Ceilings. All are sanity bounds, not facts: far past anything the paper's recipe needs, well
+# short of what would never finish or never fit.
+MAX_LR = 10.0  # the paper trains at 0.1; SGD on these nets diverges long before 10
+MAX_WEIGHT_DECAY = 0.1  # the paper uses 1e-4; at 0.1 the decay swamps every gradient
+MAX_ITERATIONS = 10_000_000  # 156x the paper's 64k iterations
+MAX_EPOCHS = 100_000  # 600x the paper's ~164 epochs
+MAX_IMAGES = 1_000_000  # 20x CIFAR-10's training set; 3 GB as uint8 on the device
+MAX_BATCH_SIZE = 65_536  # more than CIFAR-10's whole training set in one batch
+MAX_CELLS = 10_000  # the paper's Figure 6 is 9 nets; 10,000 cells would take months on one GPU
+MAX_NAME_LENGTH = 100  # bytes of the results folder's name
+MAX_CELL_ID_LENGTH = 200  # cells/<id>/ and superseded/<id>-<stamp>/ stay under the usual 255-byte file-name limit
+MAX_CUDA_INDEX = 127  # a fact: torch keeps a device index in 8 signed bits (torch 2.x here: "cuda:99999" became cuda:-97)
+SEED_LIMIT = 2**31  # the trainer seeds torch with seed * 1_000_003 + epoch, which must fit in 64 bits
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take; an open end excludes its bound."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:,}, {self.high:,}{')' if self.high_open else ']'}"
+
+
+TRAIN_RANGES = {
+    "iterations": Range(1, MAX_ITERATIONS),
+    "epochs": Range(1, MAX_EPOCHS),
+    "lr": Range(0, MAX_LR, low_open=True),
+    "lr_decay": Range(0, 1, low_open=True),
+    "momentum": Range(0, 1, high_open=True),
+    "weight_decay": Range(0, MAX_WEIGHT_DECAY),
+    "batch_size": Range(1, MAX_BATCH_SIZE),
+    "warmup_lr": Range(0, MAX_LR, low_open=True),
+    "warmup_until_err": Range(0, 100),  # a training error in percent; 0 is never reached: the whole run warms up
+}
+DATA_RANGES = {"train_size": Range(1, MAX_IMAGES), "test_size": Range(1, MAX_IMAGES), "val_split": Range(0, MAX_IMAGES)}
+RUNTIME_RANGES = {"eval_batch_size": Range(1, MAX_BATCH_SIZE), "jobs": Range(1, MAX_CELLS)}
+SEED_RANGE = Range(0, SEED_LIMIT, high_open=True)
+
 
 def _slug(value: Any) -> str:
     if isinstance(value, (list, tuple)):
@@ -207,8 +280,16 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+def _as_float(value: int | float) -> float:
+    """A number as a float; an integer too large for one becomes infinite (and is then refused as such)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _matches(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Whether `value` fits the type `hint`, and the value converted (int → float)."""
+    """Whether `value` fits the type `hint`, and the value converted (int → float, 64e3 → 64000)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is type(None):
         return value is None, None
@@ -233,10 +314,12 @@ def _matches(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        return ok, _as_float(value) if ok else value
     if hint is str:
         return isinstance(value, str), value
     raise TypeError(f"unsupported type {hint}")
@@ -245,7 +328,7 @@ def _matches(value: Any, hint: Any) -> tuple[bool, Any]:
 def _check(value: Any, hint: Any, source: str, key: str) -> Any:
     ok, converted = _matches(value, hint)
     if not ok:
-        raise ConfigError(source, key, f"expected {_describe(hint)}, got {value!r}")
+        raise ConfigError(source, key, f"expected {_describe(hint)}, got {_show(value)}")
     return converted
 
 
@@ -262,7 +345,7 @@ def _section(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(source, key, f"expected a mapping of keys to values, got {value!r}")
+        raise ConfigError(source, key, f"expected a mapping of keys to values, got {_show(value)}")
     return value
 
 
@@ -274,18 +357,22 @@ def _build(cls: type, values: dict[str, Any], source: str, prefix: str) -> Any:
     return cls(**{k: _check(v, hints[k], source, prefix + k) for k, v in values.items()})
 
 
-def _positive(value: Optional[float], source: str, key: str, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise ConfigError(source, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def _check_ranges(spec: Any, ranges: dict[str, Range], source: str, where: str) -> None:
+    """Every set number of `spec` finite and inside its range."""
+    for key, allowed in ranges.items():
+        value = getattr(spec, key)
+        if value is None or value == "auto":
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(source, f"{where}.{key}", f"must be a finite number, got {_show(value)}")
+        if value not in allowed:
+            raise ConfigError(source, f"{where}.{key}", f"must be in {allowed}, got {_show(value)}")
 
 
 def _validate_train(spec: TrainSpec, source: str, where: str) -> None:
     if (spec.iterations is None) == (spec.epochs is None):
         raise ConfigError(source, where, "set exactly one of 'iterations' and 'epochs'")
-    for key in ("iterations", "epochs", "lr", "batch_size", "warmup_lr", "lr_decay"):
-        _positive(getattr(spec, key), source, f"{where}.{key}")
-    for key in ("momentum", "weight_decay"):
-        _positive(getattr(spec, key), source, f"{where}.{key}", allow_zero=True)
+    _check_ranges(spec, TRAIN_RANGES, source, where)
     length = spec.iterations if spec.iterations is not None else spec.epochs
     points = spec.decay_points()
     unit = "iterations" if spec.iterations is not None else "epochs"
@@ -293,20 +380,38 @@ def _validate_train(spec: TrainSpec, source: str, where: str) -> None:
         raise ConfigError(source, f"{where}.milestones", f"must increase strictly and lie inside the run (0 < m < {length} {unit}); got {points}")
 
 
+def known_train_images(data: DataSpec) -> Optional[int]:
+    """Training images left after data.val_split, when the config alone tells (not for folder datasets)."""
+    if data.source == "synthetic":
+        total = data.train_size or SYNTHETIC_TRAIN_IMAGES
+    elif data.source == "cifar10":
+        total = min(data.train_size or CIFAR10_TRAIN_IMAGES, CIFAR10_TRAIN_IMAGES)
+    else:
+        return None
+    return total - data.val_split
+
+
 def _validate_data(spec: DataSpec, source: str) -> None:
-    for key in ("train_size", "test_size"):
-        _positive(getattr(spec, key), source, f"data.{key}")
-    _positive(spec.val_split, source, "data.val_split", allow_zero=True)
+    _check_ranges(spec, DATA_RANGES, source, "data")
     if spec.source == "folder" and not spec.path:
         raise ConfigError(source, "data.path", "source 'folder' needs a path to a train/<class>/, test/<class>/ folder or a .tar.gz of one")
+    if spec.path is not None and not spec.path.isprintable():
+        raise ConfigError(source, "data.path", f"must not contain NUL, newlines or other control characters, got {_show(spec.path)}")
+    left = known_train_images(spec)
+    if left is not None and left < 1:
+        raise ConfigError(source, "data.val_split", f"leaves no training images: at most {spec.val_split + left - 1:,} of "
+                                                    f"{spec.val_split + left:,} can be held out, got {spec.val_split:,}")
+
+
+def _is_device(name: str) -> bool:
+    index = re.fullmatch(r"cuda:([0-9]{1,3})", name)
+    return name in ("auto", "cpu", "cuda") or (index is not None and int(index.group(1)) <= MAX_CUDA_INDEX)
 
 
 def _validate_runtime(spec: RuntimeSpec, source: str) -> None:
-    if spec.jobs != "auto":
-        _positive(spec.jobs, source, "runtime.jobs")
-    _positive(spec.eval_batch_size, source, "runtime.eval_batch_size")
-    if not (spec.device in ("auto", "cpu", "cuda") or (spec.device.startswith("cuda:") and spec.device[5:].isdigit())):
-        raise ConfigError(source, "runtime.device", f"expected auto, cpu, cuda or cuda:N, got {spec.device!r}")
+    _check_ranges(spec, RUNTIME_RANGES, source, "runtime")
+    if not _is_device(spec.device):
+        raise ConfigError(source, "runtime.device", f"expected auto, cpu, cuda or cuda:N (N up to {MAX_CUDA_INDEX}), got {_show(spec.device)}")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -327,8 +432,11 @@ def _choices(key: str, value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def expand_grid(options: dict[str, Any], source: str, where: str) -> list[dict[str, Any]]:
-    """Every combination of the listed option values, as flat option dicts (in file order)."""
+def expand_grid(options: dict[str, Any], source: str, where: str, limit: int = MAX_CELLS) -> list[dict[str, Any]]:
+    """Every combination of the listed option values, as flat option dicts (in file order).
+
+    More than `limit` combinations is refused before any is built: a few long lists multiply fast.
+    """
     allowed = CELL_KEYS + TRAIN_KEYS
     _reject_unknown(options, allowed, source, f"{where}.")
     keys = list(options)
@@ -338,6 +446,9 @@ def expand_grid(options: dict[str, Any], source: str, where: str) -> list[dict[s
         if not choices:
             raise ConfigError(source, f"{where}.{key}", "is an empty list: nothing to run")
         values.append([_check(v, _option_hint(key), source, f"{where}.{key}") for v in choices])
+    count = math.prod(map(len, values))
+    if count > limit:
+        raise ConfigError(source, where, f"makes {count:,} cells, which brings the sweep past {MAX_CELLS:,} cells (a sanity bound)")
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
@@ -348,6 +459,9 @@ def _make_cell(options: dict[str, Any], base: dict[str, Any], default_shortcut: 
     problem = depth_error(options["depth"])
     if problem:
         raise ConfigError(source, f"{where}.depth", problem)
+    seed = options.get("seed", 0)
+    if seed not in SEED_RANGE:
+        raise ConfigError(source, f"{where}.seed", f"must be in {SEED_RANGE} (the trainer derives 64-bit RNG seeds from it), got {_show(seed)}")
     train = dict(base)
     overrides = {k: v for k, v in options.items() if k in TRAIN_KEYS}
     if "epochs" in overrides and "iterations" not in overrides:
@@ -359,7 +473,7 @@ def _make_cell(options: dict[str, Any], base: dict[str, Any], default_shortcut: 
     _validate_train(spec, source, where)
     arch = options["arch"]
     shortcut = options.get("shortcut", default_shortcut) if arch == "residual" else "A"
-    return Cell(arch=arch, depth=options["depth"], seed=options.get("seed", 0), shortcut=shortcut, train=spec, data=data)
+    return Cell(arch=arch, depth=options["depth"], seed=seed, shortcut=shortcut, train=spec, data=data)
 
 
 def _name_variants(cells: list[Cell]) -> list[Cell]:
@@ -381,14 +495,69 @@ def _name_variants(cells: list[Cell]) -> list[Cell]:
     return named
 
 
+def _name_error(name: Any) -> Optional[str]:
+    """Why `name` cannot be the results folder's name, or None when it can."""
+    if name is None:
+        return "is required: the results folder's name"
+    if not isinstance(name, str):
+        return "expected a string: the results folder's name"
+    if not name.strip():
+        return "must not be blank"
+    if not name.isprintable():
+        return "must not contain NUL, newlines or other control characters"
+    if len(name.encode()) > MAX_NAME_LENGTH:
+        return f"is {len(name.encode())} bytes long in UTF-8; at most {MAX_NAME_LENGTH} make a folder name"
+    if any(c in name for c in "/\\") or name.startswith(".") or name != name.strip():
+        return "must be one folder name: no slashes, not starting with a dot, no spaces at either end"
+    return None
+
+
+def _check_cell_ids(cells: list[Cell], source: str) -> None:
+    for cell in cells:
+        if len(cell.id.encode()) > MAX_CELL_ID_LENGTH:
+            raise ConfigError(source, "grid", f"cell id {_show(cell.id)} is {len(cell.id.encode())} bytes; at most {MAX_CELL_ID_LENGTH} "
+                                              "fit in a file name (each train option that differs between cells is part of the id)")
+
+
+def check_fits_data(config: SweepConfig, n_train: int) -> None:
+    """Refuse cells whose batch is larger than the `n_train` training images (after data.val_split).
+
+    Such a cell could not draw a single batch. The sweep calls this with the real count as soon as
+    the images are loaded, before it writes anything; parse_config calls it when the config tells the count.
+    """
+    for cell in config.cells:
+        if cell.train.batch_size > n_train:
+            after = " left after data.val_split" if config.data.val_split else ""
+            raise ConfigError(config.source, "batch_size", f"{cell.id} uses {cell.train.batch_size:,}, more than the "
+                                                           f"{n_train:,} training images{after}: at most {n_train:,}")
+
+
+def _combos(raw: dict[str, Any], source: str) -> list[tuple[dict[str, Any], str]]:
+    """The grid's and the extra cells' option dicts, each with where it came from; at most MAX_CELLS in all."""
+    combos = [(c, "grid") for c in expand_grid(_section(raw, "grid", source), source, "grid")] if raw.get("grid") else []
+    extra = raw.get("cells") or []
+    if not isinstance(extra, list):
+        raise ConfigError(source, "cells", f"expected a list of cells, got {_show(extra)}")
+    for i, entry in enumerate(extra):
+        if not isinstance(entry, dict):
+            raise ConfigError(source, f"cells[{i}]", f"expected a mapping of cell options, got {_show(entry)}")
+        combos += [(c, f"cells[{i}]") for c in expand_grid(entry, source, f"cells[{i}]", MAX_CELLS - len(combos))]
+    if not combos:
+        raise ConfigError(source, "grid", "no cells: give a grid (arch, depth, seed, …) or a list of cells")
+    return combos
+
+
 def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
     """Validate a loaded YAML document and expand it into cells."""
     if not isinstance(raw, dict):
         raise ConfigError(source, "", f"expected a mapping with keys {', '.join(TOP_KEYS)}; got {type(raw).__name__}")
     _reject_unknown(raw, TOP_KEYS, source, "")
     name = raw.get("name")
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ConfigError(source, "name", f"expected a non-empty folder name (no slashes), got {name!r}")
+    problem = _name_error(name)
+    if problem:
+        raise ConfigError(source, "name", f"{problem}, got {_show(name)}")
+    if not isinstance(raw.get("description", ""), str):
+        raise ConfigError(source, "description", f"expected a string, got {_show(raw['description'])}")
     data = _build(DataSpec, _section(raw, "data", source), source, "data.")
     _validate_data(data, source)
     runtime = _build(RuntimeSpec, _section(raw, "runtime", source), source, "runtime.")
@@ -403,22 +572,91 @@ def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
         base["iterations"] = None
     _validate_train(TrainSpec(**base), source, "train")
 
-    combos = expand_grid(_section(raw, "grid", source), source, "grid") if raw.get("grid") else []
-    extra = raw.get("cells") or []
-    if not isinstance(extra, list):
-        raise ConfigError(source, "cells", f"expected a list of cells, got {extra!r}")
-    for i, entry in enumerate(extra):
-        if not isinstance(entry, dict):
-            raise ConfigError(source, f"cells[{i}]", f"expected a mapping of cell options, got {entry!r}")
-        combos += [(c, f"cells[{i}]") for c in expand_grid(entry, source, f"cells[{i}]")]
-    combos = [c if isinstance(c, tuple) else (c, "grid") for c in combos]
-    if not combos:
-        raise ConfigError(source, "grid", "no cells: give a grid (arch, depth, seed, …) or a list of cells")
-
-    cells = _name_variants([_make_cell(options, base, default_shortcut, data, source, where) for options, where in combos])
+    cells = _name_variants([_make_cell(options, base, default_shortcut, data, source, where) for options, where in _combos(raw, source)])
+    _check_cell_ids(cells, source)
     description = raw.get("description")
-    return SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source,
-                       description=description if isinstance(description, str) else None)
+    config = SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source,
+                         description=description if isinstance(description, str) else None)
+    n_train = known_train_images(data)
+    if n_train is not None:
+        check_fits_data(config, n_train)
+    return config
+
+
+# ----------------------------------------------------------------------------- reading the file
+
+
+FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2 floats: YAML 1.1 (PyYAML's default) needs a dot, so `5e-4` would be the string "5e-4".
+YAML12_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                                |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                                |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                                |[-+]?\.(?:inf|Inf|INF)
+                                |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that sets one key twice: YAML would keep the last silently."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class SweepLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats, refused duplicate keys, and unreadable scalars as YAML errors."""
+
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in first_lines:
+                    raise DuplicateKeyError(key, first_lines[key], line)
+                first_lines[key] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML raises ValueError for `2024-13-01` or `!!int x`; make it a YAML error with its place."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError, OverflowError) as err:
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {_show(node.value)} as {node.tag}: {err}",
+                                                    node.start_mark) from None
+
+
+SweepLoader.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+.0123456789"))
+
+
+def _read_text(path: Path, source: str) -> str:
+    """The file's text; a binary or non-UTF-8 file is a ConfigError rather than a decoding traceback."""
+    not_text = "not a UTF-8 text file: a sweep file is YAML text"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(source, "", f"cannot read it: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", not_text) from None
+    if "\0" in text:
+        raise ConfigError(source, "", not_text)
+    return text
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The YAML document in `text`; every way it can be unreadable is a ConfigError."""
+    try:
+        return yaml.load(text, Loader=SweepLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(source, str(err.key), f"duplicate key on line {err.line} (first set on line {err.first_line}): keep one") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, "", f"not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
+    except RecursionError:
+        raise ConfigError(source, "", "nested too deeply: a sweep file needs only a few levels of mappings and lists") from None
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -427,27 +665,25 @@ def load_config(path: str | Path) -> SweepConfig:
     source = str(path)
     if not path.is_file():
         raise ConfigError(source, "", "no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(source, "", f"not valid YAML: {where}{getattr(err, 'problem', None) or err}") from None
+    raw = load_yaml(_read_text(path, source), source)
+    if raw is None:
+        raise ConfigError(source, "", f"is empty: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
     return parse_config(raw, source)
 
 
 def with_overrides(config: SweepConfig, data_path: str | None = None, device: str | None = None,
                    jobs: int | None = None) -> SweepConfig:
-    """The config with command-line choices applied; none of them changes what a cell means."""
+    """The config with command-line choices applied, validated as the file is; none of them changes what a cell means."""
     data, runtime = config.data, config.runtime
     if data_path is not None:
         if data.source == "synthetic":
             raise ConfigError(config.source, "data.source", "is 'synthetic': --data does not apply (set data.source to cifar10 or folder)")
         data = dataclasses.replace(data, path=data_path)
+        _validate_data(data, "--data")
     if device is not None:
         runtime = dataclasses.replace(runtime, device=device)
     if jobs is not None:
         runtime = dataclasses.replace(runtime, jobs=jobs)
-    _validate_runtime(runtime, "--device")
+    _validate_runtime(runtime, "command line")
     cells = [dataclasses.replace(cell, data=data) for cell in config.cells]
     return dataclasses.replace(config, data=data, runtime=runtime, cells=cells)

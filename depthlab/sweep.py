@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from . import __version__, files
-from .config import CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, DataSpec, RuntimeSpec, SweepConfig
+from .config import CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, DataSpec, RuntimeSpec, SweepConfig, check_fits_data
 from .data import Images, load_images
 from .layout import CellState, ResultsFolder
 from .models import build_model, model_size
@@ -464,6 +464,7 @@ def run_sweep(config: SweepConfig, out_dir: Path, events: SweepEvents, force: bo
     """Train every cell of `config` that is not finished yet, several at once where that helps."""
     device = resolve_device(config.runtime.device)  # a wrong device or dataset stops the sweep before it writes anything
     images = load_images(config.data)  # decoded and cached once, before any worker starts
+    check_fits_data(config, len(images.train_y))  # a folder dataset's size is known only now; nothing is written yet
     with storage_errors(out_dir), exclusive(out_dir) as lock_fd:
         return _run_sweep(config, images, device, ResultsFolder(out_dir), events, force, lock_fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -99,7 +100,8 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(tmp_path: Pat
 
 
 def test_a_diverging_cell_is_recorded_as_diverged_and_stops(tmp_path: Path) -> None:
-    config, cell, images = one_cell(epochs=3, lr=1e12)
+    config, cell, images = one_cell(epochs=3)
+    cell = dataclasses.replace(cell, train=dataclasses.replace(cell.train, lr=1e12))  # beyond what a config may ask for
     summary = train_cell(cell, images, CPU, config.runtime, tmp_path)
     assert summary["status"] == "diverged"
     assert summary["epochs"] < 3 or not torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
@@ -107,6 +109,7 @@ def test_a_diverging_cell_is_recorded_as_diverged_and_stops(tmp_path: Path) -> N
 
 
 def test_a_dataset_smaller_than_one_batch_is_refused(tmp_path: Path) -> None:
-    config, cell, images = one_cell(batch_size=512)
+    config, cell, images = one_cell()
+    cell = dataclasses.replace(cell, train=dataclasses.replace(cell.train, batch_size=512))  # a config refuses this before training
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_cell(cell, images, CPU, config.runtime, tmp_path)
