@@ -259,17 +259,17 @@ def _direction(values: Mapping[tuple[str, int], Sequence[float]]) -> str:
 
 
 def _budget_note(cells: pd.DataFrame) -> Optional[str]:
-    """A note when the training budget is far from the paper's 64,000 iterations × 128 on 50,000 images."""
-    if not {"iterations", "batch_size"} <= set(cells.columns):
+    """A note when the smallest training budget is far from the paper's 64,000 iterations × 128 on 50,000 images."""
+    if not {"iterations", "batch_size"} <= set(cells.columns) or cells[["iterations", "batch_size"]].isna().all().any():
         return None
-    seen = (cells.iterations * cells.batch_size).dropna()
-    train_size = cells.train_size.dropna() if "train_size" in cells.columns else pd.Series(dtype=float)
-    share = float(seen.min()) / (PAPER_ITERATIONS * PAPER_BATCH) if len(seen) else math.nan
-    images = int(train_size.min()) if len(train_size) else None
-    if not (share < FAR_FROM_PAPER or (images is not None and images < FAR_FROM_PAPER * PAPER_TRAIN_SIZE)):
+    smallest = cells.loc[(cells.iterations * cells.batch_size).idxmin()]
+    share = smallest.iterations * smallest.batch_size / (PAPER_ITERATIONS * PAPER_BATCH)
+    sizes = cells.train_size.dropna() if "train_size" in cells.columns else pd.Series(dtype=float)
+    images = int(sizes.min()) if len(sizes) else PAPER_TRAIN_SIZE
+    if share >= FAR_FROM_PAPER and images >= FAR_FROM_PAPER * PAPER_TRAIN_SIZE:
         return None
-    on = f" on {images:,} images" if images is not None else ""
-    return (f"budget: {share:.1%} of the paper's training (64,000 iterations × 128 on 50,000 images){on}; "
+    return (f"budget: {int(smallest.iterations):,} iterations × {int(smallest.batch_size)} = {share:.1%} of the paper's "
+            f"{PAPER_ITERATIONS:,} × {PAPER_BATCH}, on {images:,} of {PAPER_TRAIN_SIZE:,} images; "
             f"the verdict holds for this budget, not for the paper's")
 
 

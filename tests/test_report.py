@@ -331,7 +331,7 @@ def test_a_complete_sweep_reads_reproduced_with_its_numbers_and_budget(complete)
     md = (complete / "report.md").read_text()
     assert "**Reproduced: plain nets degrade" in md
     assert "plain-56 − ResNet-56: +4.32 pp" in md  # 8.08 − 3.76 in the clean error (running − 1)
-    assert "budget: 0.6% of the paper's training" in md  # 400 of 64,000 iterations
+    assert "budget: 400 iterations × 128 = 0.6% of the paper's" in md
 
 
 def test_write_report_with_one_architecture_missing(tmp_path):
