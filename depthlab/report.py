@@ -2,8 +2,8 @@
 
 It reads only what the sweep leaves on disk (sweep.yaml and cells/<id>/), so it can be run at
 any time, also while the sweep still trains: unfinished cells are listed, never averaged in.
-The verdict asks the question of He et al. 2015, Fig. 6: does the training error rise with
-depth for plain nets, and not for ResNets? "Rise" must beat the spread between seeds.
+The verdict (verdict.py) asks the question of He et al. 2015, Fig. 6: does the training error rise
+with depth for plain nets, and not for ResNets? Its answer is reproduced, not reproduced or undecided.
 """
 
 from __future__ import annotations
@@ -26,16 +26,12 @@ from . import files
 from .config import Cell, ConfigError, parse_config
 from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
+from .verdict import base_cell_key, decide
 
-MIN_GAP = 0.5  # percentage points: a smaller rise of the training error is not called degradation
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
 KEYS = ["arch", "depth", "variant"]
 ERRORS = ("train_err", "clean_train_err", "test_err", "val_err")
 CURVE_COLUMNS = KEYS + ["epoch", "iteration", "train_err", "test_err"]
-RULE = (f"An architecture degrades when its deepest net's mean final training error exceeds its shallowest's "
-        f"by more than max({MIN_GAP} pp, twice the standard error of that difference over seeds) and the "
-        f"Spearman correlation of depth with mean training error is positive; Figure 6 is reproduced when "
-        f"plain nets degrade and ResNets do not.")
 
 
 class ReportError(Exception):
@@ -127,8 +123,10 @@ def _cell_frame(records: list[_CellRecord]) -> pd.DataFrame:
         final = s.get("final", {})
         rows.append({"arch": s["arch"], "depth": s["depth"], "variant": _variant(s), "seed": s["seed"],
                      "status": rec.state.value, "params": s.get("params"), "epochs": s.get("epochs"),
-                     "iterations": s.get("iterations"), **{e: final.get(e) for e in ERRORS}})
-    columns = KEYS + ["seed", "status", "params", "epochs", "iterations", *ERRORS]
+                     "iterations": s.get("iterations"), **{e: final.get(e) for e in ERRORS},
+                     "source": s.get("data", {}).get("source"), "train_size": s.get("data", {}).get("train_size"),
+                     "batch_size": s.get("train", {}).get("batch_size")})
+    columns = KEYS + ["seed", "status", "params", "epochs", "iterations", *ERRORS, "source", "train_size", "batch_size"]
     return pd.DataFrame(rows, columns=columns).astype({e: float for e in ERRORS})
 
 
@@ -177,35 +175,20 @@ def _missing(records: list[_CellRecord]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- the verdict
 
 
-def _sem2(row: pd.Series) -> float:
-    """The squared standard error of a row's mean training error; 0 with one seed (its spread is unknown)."""
-    return 0.0 if row["n_seeds"] < 2 else float(row["train_err_std"]) ** 2 / row["n_seeds"]
+def _verdict_cells(records: list[_CellRecord]) -> pd.DataFrame:
+    """Every cell the verdict must see: those that ended with their numbers, the others by id with their status."""
+    pending = [{"arch": key[0], "depth": key[1], "variant": "", "seed": key[2], "status": rec.status}
+               for rec in records if rec.status not in ("finished", "diverged") and (key := base_cell_key(rec.id))]
+    ended = _cell_frame(records)
+    if not pending:
+        return ended
+    waiting = pd.DataFrame(pending, columns=ended.columns).astype({e: float for e in ERRORS})
+    return pd.concat([ended, waiting], ignore_index=True) if len(ended) else waiting
 
 
-def _trend(rows: pd.DataFrame) -> dict[str, Any]:
-    """Whether one architecture's training error rises with depth by more than the seeds' noise."""
-    rows = rows.sort_values("depth")
-    trend: dict[str, Any] = {"depths": [int(d) for d in rows.depth], "train_err": [float(e) for e in rows.train_err],
-                             "gap": None, "noise": None, "threshold": None, "spearman": None, "degrades": None}
-    if len(rows) < 2:
-        return trend
-    shallow, deep = rows.iloc[0], rows.iloc[-1]
-    gap = float(deep.train_err - shallow.train_err)
-    noise = 2 * math.sqrt(_sem2(deep) + _sem2(shallow))
-    threshold = max(noise, MIN_GAP)
-    spearman = float(rows.depth.rank().corr(rows.train_err.rank()))
-    trend.update(gap=gap, noise=noise, threshold=threshold, spearman=spearman, degrades=bool(gap > threshold and spearman > 0))
-    return trend
-
-
-def compute_verdict(rows: pd.DataFrame) -> dict[str, Any]:
-    """The Figure-6 question on the rows without a variant: plain degrades with depth, ResNet does not."""
-    base = rows[(rows.variant == "") & (rows.n_seeds > 0)]
-    details = {arch: _trend(base[base.arch == arch]) for arch in ARCHS}
-    plain, residual = details["plain"]["degrades"], details["residual"]["degrades"]
-    reproduced = None if plain is None or residual is None else plain and not residual
-    return {"plain_degrades": plain, "residual_degrades": residual, "reproduced": reproduced,
-            "details": details, "rule": RULE}
+def compute_verdict(cells: pd.DataFrame) -> dict[str, Any]:
+    """The Figure-6 verdict on one row per cell (see verdict.decide for the columns and the rule)."""
+    return decide(cells)
 
 
 def build_report(results_dir: Path) -> Report:
@@ -217,7 +200,7 @@ def build_report(results_dir: Path) -> Report:
     name, expected = _expected_cells(results)
     records = _read_cells(results, expected)
     rows = _aggregate(_cell_frame(records))
-    return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(rows),
+    return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(_verdict_cells(records)),
                   missing=_missing(records), curves=_curves(records))
 
 
@@ -260,29 +243,38 @@ def _arch_cells(row: pd.Series) -> list[str]:
 
 
 def verdict_headline(verdict: dict[str, Any]) -> str:
-    """One sentence: was Figure 6 reproduced, and if not, which half failed."""
-    if verdict["reproduced"] is None:
-        return "Undecided: the verdict needs at least two finished depths of both plain nets and ResNets."
-    if verdict["reproduced"]:
-        return "Reproduced: the plain nets' training error rises with depth, the ResNets' does not."
-    reasons = []
-    if not verdict["plain_degrades"]:
-        reasons.append("the plain nets' training error does not rise with depth beyond the noise")
-    if verdict["residual_degrades"]:
-        reasons.append("the ResNets' training error rises with depth too")
-    return "Not reproduced: " + " and ".join(reasons) + "."
+    """One sentence: reproduced, not reproduced or undecided, and why."""
+    word = {"reproduced": "Reproduced", "not_reproduced": "Not reproduced", "undecided": "Undecided"}[verdict["outcome"]]
+    return f"{word}: {verdict['reason']}"
+
+
+def _depth_value(depth: int, mean: float, interval: list[Optional[float]], n_seeds: int) -> str:
+    """'20: 5.10 [4.20, 6.00] (n=3)'; no interval with one seed."""
+    low, high = interval
+    spread = f" [{_fmt(low)}, {_fmt(high)}]" if low is not None and math.isfinite(low) else ""
+    return f"{depth}: {_fmt(mean)}{spread} (n={n_seeds})"
 
 
 def _trend_line(arch: str, trend: dict[str, Any]) -> str:
-    """One architecture's numbers behind the verdict."""
-    label = ARCH_LABELS[arch]
-    errors = ", ".join(f"{d}: {_fmt(e)}" for d, e in zip(trend["depths"], trend["train_err"]))
-    if trend["degrades"] is None:
-        return f"{label}: fewer than two depths finished ({errors or 'none'})."
-    word = "degrades" if trend["degrades"] else "does not degrade"
-    return (f"{label} {word}: final training error % by depth {errors}; deepest − shallowest = {trend['gap']:+.2f} pp "
-            f"vs threshold {trend['threshold']:.2f} pp (seed noise {trend['noise']:.2f}); "
-            f"Spearman(depth, error) = {_fmt(trend['spearman'])}.")
+    """One architecture's numbers behind the verdict: per-depth means with 95 % intervals, then the difference."""
+    per_depth = ", ".join(_depth_value(*values) for values in
+                          zip(trend["depths"], trend["err"], trend["err_ci"], trend["n_seeds"]))
+    line = f"{ARCH_LABELS[arch]}: clean training error % by depth {per_depth or 'none'}"
+    if trend["gap"] is None:
+        return line + "."
+    return (f"{line}; deepest − shallowest {trend['gap']:+.2f} pp, one-sided bounds "
+            f"[{trend['low']:+.2f}, {trend['high']:+.2f}] (Welch df {trend['df']:.1f}).")
+
+
+def _verdict_lines(verdict: dict[str, Any]) -> list[str]:
+    """The lines under the headline: each architecture, plain vs ResNet at the deepest common depth, the notes."""
+    lines = [_trend_line(arch, verdict["details"][arch]) for arch in ARCHS]
+    cross = verdict["cross"]
+    if cross:
+        lines.append(f"plain-{cross['depth']} − ResNet-{cross['depth']}: {cross['gap']:+.2f} pp, one-sided bounds "
+                     f"[{cross['low']:+.2f}, {cross['high']:+.2f}].")
+    lines += [f"Note — {note}." for note in verdict["notes"]]
+    return lines
 
 
 def _missing_line(entry: dict[str, Any]) -> str:
@@ -327,12 +319,12 @@ def _markdown(report: Report) -> str:
     text = [f"# {report.name}: plain vs residual nets of growing depth (He et al. 2015, Fig. 6)", "",
             "Final-epoch errors in %, mean ± std over finished seeds. *Train err* is the running error over the "
             "last epoch's augmented mini-batches (what Figure 6 plots); *clean train* is the eval-mode error on "
-            "the whole training set.", "",
+            "the whole training set, and what the verdict decides on.", "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(line) + " |" for line in lines]
     verdict = report.verdict
     text += ["", "## Verdict", "", f"**{verdict_headline(verdict)}**", ""]
-    text += [f"- {_trend_line(arch, verdict['details'][arch])}" for arch in ARCHS]
+    text += [f"- {line}" for line in _verdict_lines(verdict)]
     text += ["", f"Rule: {verdict['rule']}", ""]
     if report.missing:
         text += ["## Missing", "", "Not in the means above:", ""]
@@ -396,7 +388,7 @@ def write_report(report: Report, results_dir: Path) -> list[Path]:
 
 
 def print_report(report: Report, console: Console) -> None:
-    """The side-by-side table, the verdict (green when reproduced, red when not) and the missing cells."""
+    """The side-by-side table, the verdict (green when reproduced, red when not, yellow when undecided) and the missing cells."""
     header, lines = _table(report.rows)
     table = Table(title=f"{escape(report.name)}: final errors in % (mean ± std over finished seeds)")
     for i, column in enumerate(header):
@@ -407,8 +399,8 @@ def print_report(report: Report, console: Console) -> None:
     verdict = report.verdict
     style = {True: "bold green", False: "bold red", None: "bold yellow"}[verdict["reproduced"]]
     console.print(f"[{style}]{escape(verdict_headline(verdict))}[/]")
-    for arch in ARCHS:
-        console.print(f"  {escape(_trend_line(arch, verdict['details'][arch]))}")
+    for line in _verdict_lines(verdict):
+        console.print(f"  {escape(line)}")
     console.print(f"  [dim]{escape(verdict['rule'])}[/]")
     if report.missing:
         count = len(report.missing)

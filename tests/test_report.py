@@ -16,7 +16,7 @@ from rich.console import Console
 from depthlab import files
 from depthlab.config import Cell, parse_config
 from depthlab.layout import METRIC_COLUMNS, CellFolder, ResultsFolder, Summary
-from depthlab.report import MIN_GAP, ReportError, build_report, print_report, report_json, write_report
+from depthlab.report import ReportError, build_report, print_report, report_json, write_report
 
 EPOCHS, ITERS_PER_EPOCH = 4, 100
 
@@ -24,9 +24,9 @@ EPOCHS, ITERS_PER_EPOCH = 4, 100
 # ----------------------------------------------------------------------------- fixture helpers
 
 
-def sweep(**grid) -> dict:
-    """A small sweep document; `grid` overrides the grid's options."""
-    return {"name": "fake", "data": {"source": "synthetic"}, "train": {"epochs": EPOCHS},
+def sweep(source: str = "cifar10", **grid) -> dict:
+    """A small sweep document on `source` images; `grid` overrides the grid's options."""
+    return {"name": "fake", "data": {"source": source}, "train": {"epochs": EPOCHS},
             "grid": {"arch": ["plain", "residual"], "depth": [20, 56], "seed": [0], **grid}}
 
 
@@ -34,9 +34,9 @@ def cells_of(raw: dict) -> dict[str, Cell]:
     return {c.id: c for c in parse_config(raw).cells}
 
 
-def cell(arch: str, depth: int, seed: int = 0, **options) -> Cell:
-    """One cell as the sweep would make it from the default sweep()."""
-    raw = {**sweep(), "grid": None, "cells": [{"arch": arch, "depth": depth, "seed": seed, **options}]}
+def cell(arch: str, depth: int, seed: int = 0, source: str = "cifar10", **options) -> Cell:
+    """One cell as the sweep would make it from sweep(source)."""
+    raw = {**sweep(source), "grid": None, "cells": [{"arch": arch, "depth": depth, "seed": seed, **options}]}
     return parse_config(raw).cells[0]
 
 
@@ -95,11 +95,11 @@ def start(results: Path, c: Cell, epochs_done: int) -> Path:
     return folder.path
 
 
-def finish_all(results: Path, errors: dict[tuple[str, int], list[float]]) -> None:
-    """Finished cells (no sweep.yaml): one per seed, with the chosen final training errors."""
+def finish_all(results: Path, errors: dict[tuple[str, int], list[float]], source: str = "cifar10") -> None:
+    """Finished cells (no sweep.yaml): one per seed, with the chosen final training errors (clean = running − 1)."""
     for (arch, depth), errs in errors.items():
         for seed, err in enumerate(errs):
-            finish(results, cell(arch, depth, seed), err)
+            finish(results, cell(arch, depth, seed, source), err)
 
 
 def row(report, arch: str, depth: int, variant: str = "") -> pd.Series:
@@ -154,73 +154,61 @@ def test_curves_average_the_seeds_per_epoch(tmp_path):
 # ----------------------------------------------------------------------------- verdict
 
 
-def test_reproduced_when_plain_rises_beyond_noise_and_residual_falls(tmp_path):
-    finish_all(tmp_path, {("plain", 20): [5.0, 5.2], ("plain", 32): [6.0, 6.1], ("plain", 56): [9.0, 9.3],
-                          ("residual", 20): [6.0, 6.2], ("residual", 32): [5.0, 5.1], ("residual", 56): [4.0, 4.1]})
+FIGURE6 = {("plain", 20): [5.0, 5.2], ("plain", 32): [6.0, 6.1], ("plain", 56): [9.0, 9.3],
+           ("residual", 20): [6.0, 6.2], ("residual", 32): [5.0, 5.1], ("residual", 56): [4.0, 4.1]}
+
+
+def test_reproduced_when_plain_rises_beyond_its_interval_and_residual_stays_within_the_margin(tmp_path):
+    finish_all(tmp_path, FIGURE6)
     verdict = build_report(tmp_path).verdict
-    assert verdict["plain_degrades"] is True
-    assert verdict["residual_degrades"] is False
-    assert verdict["reproduced"] is True
+    assert verdict["outcome"] == "reproduced" and verdict["reproduced"] is True
+    assert verdict["plain_degrades"] is True and verdict["residual_degrades"] is False
     plain = verdict["details"]["plain"]
-    assert plain["depths"] == [20, 32, 56]
-    assert plain["train_err"] == pytest.approx([5.1, 6.05, 9.15])
-    assert plain["gap"] == pytest.approx(4.05)
+    assert plain["depths"] == [20, 32, 56] and plain["n_seeds"] == [2, 2, 2]
+    assert plain["train_err"] == pytest.approx([5.1, 6.05, 9.15])  # the running error, kept for the tables
+    assert plain["err"] == pytest.approx([4.1, 5.05, 8.15])  # the clean error decides
+    assert plain["gap"] == pytest.approx(4.05) and 0 < plain["low"] < plain["gap"] < plain["high"]
     assert plain["spearman"] == pytest.approx(1.0)
-    assert verdict["details"]["residual"]["spearman"] == pytest.approx(-1.0)
-    assert isinstance(verdict["rule"], str) and verdict["rule"]
+    assert verdict["details"]["residual"]["high"] < verdict["margin"]
+    assert verdict["cross"]["depth"] == 56 and verdict["cross"]["gap"] == pytest.approx(5.1)
+    assert verdict["reason"].startswith("plain nets degrade") and isinstance(verdict["rule"], str)
 
 
-def test_flat_training_error_is_not_degradation(tmp_path):
-    finish_all(tmp_path, {("plain", 20): [5.0], ("plain", 32): [5.0], ("plain", 56): [5.0],
-                          ("residual", 20): [5.0], ("residual", 56): [5.0]})
+def test_flat_plain_nets_are_not_reproduced(tmp_path):
+    finish_all(tmp_path, {**FIGURE6, ("plain", 32): [5.0, 5.2], ("plain", 56): [5.0, 5.2]})
     verdict = build_report(tmp_path).verdict
-    assert verdict["plain_degrades"] is False and verdict["residual_degrades"] is False
-    assert verdict["reproduced"] is False
-
-
-def test_a_rise_smaller_than_min_gap_is_not_degradation(tmp_path):
-    finish_all(tmp_path, {("plain", 20): [5.0], ("plain", 56): [5.0 + MIN_GAP * 0.8],
-                          ("residual", 20): [5.0], ("residual", 56): [5.0 + MIN_GAP * 1.2]})
-    verdict = build_report(tmp_path).verdict
-    assert verdict["details"]["plain"]["noise"] == 0  # one seed per depth: the spread is unknown
-    assert verdict["details"]["plain"]["threshold"] == MIN_GAP
+    assert verdict["outcome"] == "not_reproduced" and verdict["reproduced"] is False
     assert verdict["plain_degrades"] is False
-    assert verdict["residual_degrades"] is True
-    assert verdict["reproduced"] is False
+    assert "plain nets do not degrade" in verdict["reason"]
 
 
-def test_a_gap_within_seed_noise_is_not_degradation(tmp_path):
+def test_a_gap_within_seed_noise_is_undecided(tmp_path):
     noisy = tmp_path / "noisy"
-    finish_all(noisy, {("plain", 20): [3.0, 5.0, 7.0], ("plain", 56): [4.0, 6.0, 8.0]})
-    plain = build_report(noisy).verdict["details"]["plain"]
-    assert plain["gap"] == pytest.approx(1.0)
-    assert plain["noise"] == pytest.approx(2 * math.sqrt(4 / 3 + 4 / 3))
-    assert plain["degrades"] is False
+    finish_all(noisy, {**FIGURE6, ("plain", 20): [3.0, 5.0, 7.0], ("plain", 56): [4.0, 6.0, 8.0]})
+    verdict = build_report(noisy).verdict
+    assert verdict["details"]["plain"]["gap"] == pytest.approx(1.0)
+    assert verdict["plain_degrades"] is None and verdict["outcome"] == "undecided"
+    assert "cannot separate" in verdict["reason"] and "plain-20→56" in verdict["reason"]
 
     tight = tmp_path / "tight"  # the same means with little spread between seeds
-    finish_all(tight, {("plain", 20): [4.9, 5.0, 5.1], ("plain", 56): [5.9, 6.0, 6.1]})
-    assert build_report(tight).verdict["details"]["plain"]["degrades"] is True
-
-
-def test_noise_counts_only_the_side_with_several_seeds(tmp_path):
-    finish_all(tmp_path, {("plain", 20): [5.0], ("plain", 56): [6.0, 8.0, 10.0]})
-    plain = build_report(tmp_path).verdict["details"]["plain"]
-    assert plain["noise"] == pytest.approx(2 * math.sqrt(4 / 3))
+    finish_all(tight, {**FIGURE6, ("plain", 20): [4.9, 5.0, 5.1], ("plain", 56): [5.9, 6.0, 6.1]})
+    assert build_report(tight).verdict["plain_degrades"] is True
 
 
 def test_a_single_depth_gives_no_verdict(tmp_path):
-    finish_all(tmp_path, {("plain", 20): [5.0], ("plain", 56): [9.0], ("residual", 20): [5.0]})
+    finish_all(tmp_path, {("plain", 20): [5.0, 5.1], ("plain", 56): [9.0, 9.1], ("residual", 20): [5.0, 5.1]})
     verdict = build_report(tmp_path).verdict
-    assert verdict["plain_degrades"] is True
-    assert verdict["residual_degrades"] is None
-    assert verdict["reproduced"] is None
+    assert verdict["outcome"] == "undecided" and verdict["reproduced"] is None
+    assert verdict["residual_degrades"] is None and "ResNet need at least two depths" in verdict["reason"]
     assert verdict["details"]["residual"]["depths"] == [20]
 
 
 def test_variants_stay_out_of_the_verdict(tmp_path):
-    finish_all(tmp_path, {("residual", 20): [5.0]})
-    finish(tmp_path, cell("residual", 56, shortcut="B"), 9.0)
-    assert build_report(tmp_path).verdict["residual_degrades"] is None
+    finish_all(tmp_path, FIGURE6)
+    for seed in (0, 1):
+        finish(tmp_path, cell("residual", 56, seed, shortcut="B"), 30.0)
+    start(tmp_path, cell("residual", 110, shortcut="B"), epochs_done=1)
+    assert build_report(tmp_path).verdict["outcome"] == "reproduced"
 
 
 # ----------------------------------------------------------------------------- missing cells
@@ -301,10 +289,22 @@ def full(tmp_path) -> Path:
         if c.id == "residual-56-s2":
             start(tmp_path, c, epochs_done=1)
             continue
-        slope = 0.08 if c.arch == "plain" else -0.04
-        err = 6 + slope * (c.depth - 20) + 0.2 * c.seed
-        finish(tmp_path, c, err, err + 3)
+        finish(tmp_path, c, full_error(c), full_error(c) + 3)
     return tmp_path
+
+
+def full_error(c: Cell) -> float:
+    """The `full` sweep's training error of a cell: plain rising 0.08 pp per layer, ResNet falling 0.04."""
+    slope = 0.08 if c.arch == "plain" else -0.04
+    return 6 + slope * (c.depth - 20) + 0.2 * c.seed
+
+
+@pytest.fixture
+def complete(full) -> Path:
+    """The `full` sweep with its running cell finished."""
+    c = cell("residual", 56, 2)
+    finish(full, c, full_error(c))
+    return full
 
 
 def test_report_json_is_json_with_the_documented_keys(full):
@@ -314,7 +314,9 @@ def test_report_json_is_json_with_the_documented_keys(full):
     assert {"arch", "depth", "variant", "n_seeds", "train_err", "train_err_std", "clean_train_err",
             "clean_train_err_std", "test_err", "test_err_std", "epochs"} <= set(data["rows"][0])
     assert {"plain_degrades", "residual_degrades", "reproduced", "details", "rule"} <= set(data["verdict"])
-    assert data["verdict"]["reproduced"] is True
+    assert {"outcome", "reason", "cross", "measure", "seeds_required", "margin", "notes"} <= set(data["verdict"])
+    assert data["verdict"]["outcome"] == "undecided" and data["verdict"]["reproduced"] is None
+    assert "running: residual-56-s2" in data["verdict"]["reason"]
     assert data["missing"] == [{"id": "residual-56-s2", "status": "running", "state": "partial", "epochs_done": 1,
                                 "epochs_total": EPOCHS}]
     assert json.loads(text) == data
@@ -334,8 +336,16 @@ def test_write_report_writes_markdown_csv_and_a_png(full):
     png = (full / "figure6.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = (full / "report.md").read_text()
-    assert "| depth |" in md and "Reproduced" in md and "residual-56-s2" in md and "(figure6.png)" in md
+    assert "| depth |" in md and "**Undecided: " in md and "residual-56-s2" in md and "(figure6.png)" in md
     assert pd.read_csv(full / "report.csv").shape[0] == len(report.rows)
+
+
+def test_a_complete_sweep_reads_reproduced_with_its_numbers_and_budget(complete):
+    write_report(build_report(complete), complete)
+    md = (complete / "report.md").read_text()
+    assert "**Reproduced: plain nets degrade" in md
+    assert "plain-56 − ResNet-56: +4.32 pp" in md  # 8.08 − 3.76 in the clean error (running − 1)
+    assert "budget: 400 iterations × 128 = 0.6% of the paper's" in md
 
 
 def test_write_report_with_one_architecture_missing(tmp_path):
@@ -349,7 +359,13 @@ def test_print_report_shows_the_table_verdict_and_missing(full):
     console = Console(record=True, width=240)
     print_report(build_report(full), console)
     text = console.export_text()
-    assert "Reproduced" in text and "plain train err" in text and "residual-56-s2" in text
+    assert "Undecided" in text and "plain train err" in text and "residual-56-s2" in text
+
+
+def test_print_report_shows_reproduced_once_complete(complete):
+    console = Console(record=True, width=240)
+    print_report(build_report(complete), console)
+    assert "Reproduced: plain nets degrade" in console.export_text()
 
 
 # ----------------------------------------------------------------------------- errors
