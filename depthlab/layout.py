@@ -86,6 +86,7 @@ class Summary(TypedDict, total=False):
     cpu_threads: int  # torch's intra-op threads of the run that finished the cell: on a CPU, part of what fixes the rounding
     finished_at: str
     final: FinalErrors
+    warmup_ended_at: Optional[int]  # the iteration at which a warm-up (warmup_lr) ended; None without one
     # how it ran (absent from summaries written before these were recorded); none of it changes what the cell means
     compile_requested: str  # runtime.compile as configured: auto | none | default | reduce-overhead | max-autotune
     compile_mode: str  # what that resolved to on this device

@@ -33,6 +33,10 @@ from .layout import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_model, model_size
 
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
+# The paper's ResNet-110 warm-up lasted "about 400 iterations". A net that never reaches the threshold
+# must not train at the warm-up lr forever: the warm-up ends at WARMUP_MAX_ITERATIONS (a guess: 5× the
+# paper's observed length) or at the first lr milestone, whichever comes first.
+WARMUP_MAX_ITERATIONS = 2_000
 COMPILE_STEPS = 2  # steps timed as compilation: the first compiles, the second records the CUDA graphs (cudagraph trees warm up once first)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor modes that replay the step as CUDA graphs
 DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,  # eager mode would fail the same way: never a reason to fall back
@@ -117,6 +121,10 @@ class Schedule:
         per = 1 if spec.iterations is not None else length.iterations_per_epoch
         return cls(spec.lr, spec.lr_decay, [m * per for m in spec.decay_points()], length.iterations, spec.warmup_lr,
                    spec.warmup_until_err)
+
+    def warmup_limit(self) -> int:
+        """The iteration by which a warm-up ends even if the error never fell below the threshold."""
+        return min([WARMUP_MAX_ITERATIONS, *self.milestones])
 
     def lr_at(self, iteration: int, warming_up: bool) -> float:
         if warming_up and self.warmup_lr is not None:
@@ -268,6 +276,7 @@ class TrainState:
     train_seconds: float = 0.0  # the training loop, less compilation and evaluation
     compile_seconds: float = 0.0  # the compiled steps timed as compilation, in every process that trained the cell
     fallback_reason: Optional[str] = None  # why a process gave up compiling and trained eagerly
+    warmup_ended_at: Optional[int] = None  # the iteration at which the warm-up lr gave way to the schedule
 
 
 @dataclass
@@ -306,13 +315,23 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
 
     Advances `state.iteration` and ends the warm-up in `state`. Loss and errors are summed on the
     device and read once at the end. During a warm-up the error of each window of
-    WARMUP_CHECK_EVERY batches is read to decide when it ends; windows restart with each epoch,
-    so a run resumed at an epoch boundary decides exactly as before.
+    WARMUP_CHECK_EVERY batches is read to decide when it ends; a window also closes at the end of
+    the epoch, so epochs shorter than a window still end the warm-up, and windows restart with each
+    epoch, so a run resumed at an epoch boundary decides exactly as before.
     """
     loss_sum = torch.zeros((), device=device)
     errors = torch.zeros((), device=device, dtype=torch.long)
     window_errors = torch.zeros((), device=device, dtype=torch.long)
     seen = window_seen = 0
+
+    def close_window() -> None:  # the only host syncs, and only during warm-up
+        nonlocal window_seen
+        below = 100.0 * window_errors.item() / window_seen < schedule.warmup_until_err
+        if below or state.iteration >= schedule.warmup_limit():
+            state.warming_up, state.warmup_ended_at = False, state.iteration
+        window_errors.zero_()
+        window_seen = 0
+
     lr = schedule.lr_at(state.iteration, state.warming_up)
     for x, y in batches:
         if state.iteration >= schedule.total:
@@ -328,10 +347,10 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
         if state.warming_up:
             window_errors += wrong
             window_seen += len(y)
-            if window_seen == WARMUP_CHECK_EVERY * len(y):  # the only host syncs, and only during warm-up
-                state.warming_up = 100.0 * window_errors.item() / window_seen >= schedule.warmup_until_err
-                window_errors.zero_()
-                window_seen = 0
+            if window_seen == WARMUP_CHECK_EVERY * len(y):
+                close_window()
+    if state.warming_up and window_seen:
+        close_window()
     total_loss, wrong_count = torch.stack([loss_sum, errors.float()]).tolist()
     return total_loss / seen, 100.0 * wrong_count / seen, lr
 
@@ -448,7 +467,7 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
     return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
                    params=params, macs=macs, epochs=state.epoch, iterations=state.iteration,
                    train_seconds=state.train_seconds, device=str(device), device_name=device_name(device),
-                   cpu_threads=torch.get_num_threads(),
+                   cpu_threads=torch.get_num_threads(), warmup_ended_at=state.warmup_ended_at,
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    images_per_second=state.iteration * cell.train.batch_size / max(state.train_seconds, 1e-9),
                    final={k: v for k, v in last.items() if k not in ("epoch", "iteration", "lr", "seconds")},

@@ -113,3 +113,16 @@ def test_a_dataset_smaller_than_one_batch_is_refused(tmp_path: Path) -> None:
     cell = dataclasses.replace(cell, train=dataclasses.replace(cell.train, batch_size=512))  # a config refuses this before training
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_cell(cell, images, CPU, config.runtime, tmp_path)
+
+
+def test_a_warm_up_that_never_reaches_its_threshold_ends_at_the_first_milestone(tmp_path: Path) -> None:
+    config, cell, images = one_cell(epochs=3, milestones=[2], batch_size=32, warmup_lr=0.01, warmup_until_err=0.0)
+    summary = train_cell(cell, images, CPU, config.runtime, tmp_path)
+    assert summary["warmup_ended_at"] == 16  # 2 epochs of 256 // 32 iterations: the milestone, not never
+
+
+def test_epochs_shorter_than_the_warm_up_window_still_end_the_warm_up(tmp_path: Path) -> None:
+    config, cell, images = one_cell(epochs=4, milestones=[3], batch_size=64, warmup_lr=0.01, warmup_until_err=100.0)
+    summary = train_cell(cell, images, CPU, config.runtime, tmp_path)  # 4 iterations per epoch, window of 20
+    assert summary["warmup_ended_at"] == 4
+    assert pd.read_csv(CellFolder(tmp_path).metrics).lr.tolist() == pytest.approx([0.01, 0.1, 0.1, 0.01])
