@@ -1,0 +1,435 @@
+"""Measure *why* deep plain nets train worse: gradients, signals, shattering, and lesions.
+
+Two explanations of the degradation compete. The textbook one: deep plain nets suffer vanishing
+or exploding gradients, and a residual block can easily become the identity. He et al. 2015 §4.1:
+with BatchNorm, forward signals keep non-zero variance and gradients keep healthy norms, so
+vanishing gradients are "unlikely" the cause. Later work: the input-gradients of deep plain nets
+"shatter" — those of different images decorrelate exponentially with depth, far more slowly in
+ResNets (Balduzzi et al. 2017) — and a trained ResNet survives losing a block where a plain net
+does not (Veit et al. 2016). This module measures each of these on any net that has `stem`,
+`stages` (a Sequential of Sequentials of blocks) and `classifier`, where a block has
+`residual_branch(x)` and, if residual, `shortcut` (and optionally `shortcut_scale`, λ).
+
+Everything is measured on the real forward, through hooks; only `lesion` changes what a block
+computes, and it undoes that before returning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+
+from . import models
+from .options import ARCHS
+
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PROBE_COLUMNS = ["arch", "depth", "loss", "grad_first", "grad_last", "grad_ratio", "gradient_correlation",
+                 "branch_ratio", "act_std_last"]
+
+
+# ----------------------------------------------------------------------------- the net's parts
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """Where a block sits: its module name, stage and position (both from 1)."""
+
+    name: str
+    stage: int
+    index: int
+    module: nn.Module
+
+
+def blocks(model: nn.Module) -> list[BlockRef]:
+    """Every block of the net, in forward order."""
+    return [BlockRef(f"stages.{s}.{b}", s + 1, b + 1, block)
+            for s, stage in enumerate(model.stages) for b, block in enumerate(stage)]
+
+
+def _parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The net's sections by name: stem, stage1 … stageK, classifier."""
+    stages = {f"stage{s + 1}": stage for s, stage in enumerate(model.stages)}
+    return {"stem": model.stem, **stages, "classifier": model.classifier}
+
+
+def _shortcut_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """λ·shortcut(x): what is left of a residual block without its branch."""
+    return getattr(block, "shortcut_scale", 1.0) * block.shortcut(x)
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().pow(2).mean().sqrt()
+
+
+@contextlib.contextmanager
+def _on_branches(model: nn.Module, record) -> Iterator[None]:
+    """Call `record(ref, x, F(x))` whenever the real forward evaluates a block's residual branch.
+
+    The branch is a method, not a module, so a hook cannot see it; an instance attribute that
+    wraps the class's method sees every call and is deleted afterwards.
+    """
+    refs = blocks(model)
+
+    def wrap(ref: BlockRef):
+        branch = ref.module.residual_branch
+
+        def recorded(x: torch.Tensor) -> torch.Tensor:
+            fx = branch(x)
+            record(ref, x, fx)
+            return fx
+        return recorded
+
+    try:
+        for ref in refs:
+            ref.module.residual_branch = wrap(ref)
+        yield
+    finally:
+        for ref in refs:
+            ref.module.__dict__.pop("residual_branch", None)
+
+
+@contextlib.contextmanager
+def _hooks(modules_and_hooks) -> Iterator[None]:
+    """Forward hooks that are removed however the block ends."""
+    handles = [m.register_forward_hook(h) for m, h in modules_and_hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Leave the model's mode and buffers (BN running statistics) as they were."""
+    was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.train(was_training)
+
+
+class BranchRatios:
+    """RMS(F(x)) / RMS(x) per block, accumulated as 0-d tensors (no device sync while recording).
+
+    RMS rather than the plain norm so that a stage's first block, whose F(x) has half as many
+    elements as x (stride 2, twice the channels), compares like the others; where the shapes
+    agree the two are the same number. Near 0: the block is close to the identity (or to its shortcut).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[BlockRef, torch.Tensor] = {}
+        self.counts: dict[BlockRef, int] = {}
+
+    def __call__(self, ref: BlockRef, x: torch.Tensor, fx: torch.Tensor) -> None:
+        ratio = _rms(fx) / _rms(x).clamp_min(1e-12)
+        self.sums[ref] = self.sums.get(ref, 0) + ratio
+        self.counts[ref] = self.counts.get(ref, 0) + 1
+
+    def per_block(self) -> dict[BlockRef, torch.Tensor]:
+        return {ref: total / self.counts[ref] for ref, total in self.sums.items()}
+
+    def per_stage(self) -> dict[str, torch.Tensor]:
+        """Mean ratio over each stage's blocks, keyed `branch_ratio/stageK`."""
+        by_stage: dict[int, list[torch.Tensor]] = {}
+        for ref, ratio in self.per_block().items():
+            by_stage.setdefault(ref.stage, []).append(ratio)
+        return {f"branch_ratio/stage{s}": torch.stack(r).mean() for s, r in sorted(by_stage.items())}
+
+
+@contextlib.contextmanager
+def record_branch_ratios(model: nn.Module) -> Iterator[BranchRatios]:
+    """Switch on for one training batch: `with record_branch_ratios(net) as r: net(x)`, then `r.per_stage()`."""
+    ratios = BranchRatios()
+    with _on_branches(model, ratios):
+        yield ratios
+
+
+def stage_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per-section norm of the conv/linear weight gradients already in `.grad` (after a backward).
+
+    No extra forward or backward, and 0-d tensors on the model's device, so recording it every
+    epoch costs one device sync when the caller converts them with float(). Keys: `grad_norm/stem`,
+    `grad_norm/stage1` …, `grad_norm/classifier`; a section without gradients is left out.
+    """
+    stats = {}
+    for part, module in _parts(model).items():
+        grads = [m.weight.grad for m in module.modules() if isinstance(m, WEIGHTED) and m.weight.grad is not None]
+        if grads:
+            stats[f"grad_norm/{part}"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return stats
+
+
+# ----------------------------------------------------------------------------- one batch, all probes
+
+
+@dataclass
+class ProbeResult:
+    """What `probe_model` measured on one batch.
+
+    `layers`: conv/linear module name → ‖∂L/∂W‖, in the order the forward runs them.
+    `blocks`: one row per block: name, stage, index, act_mean, act_std (of its output), branch_ratio.
+    `gradient_correlation`: mean cosine similarity of the input-gradients of different images.
+    """
+
+    loss: float
+    layers: dict[str, float]
+    blocks: list[dict]
+    gradient_correlation: float
+
+    @property
+    def grad_ratio(self) -> float:
+        """‖∂L/∂W‖ of the first weighted layer over the last's: ≪ 1 means vanishing gradients."""
+        norms = list(self.layers.values())
+        return norms[0] / norms[-1]
+
+
+def _batch_statistics(model: nn.Module) -> tuple[list, dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """Hooks that keep each BatchNorm's batch mean and biased variance (what train mode normalises by)."""
+    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(module: nn.Module, inputs, output) -> None:
+        x = inputs[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        seen[module] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    return [(m, keep) for m in norms], seen
+
+
+def _freeze_batch_statistics(model: nn.Module, seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Eval mode with the running statistics set to one batch's: the same function as in train mode,
+    but each image's output depends on that image alone."""
+    with torch.no_grad():
+        for module, (mean, var) in seen.items():
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
+    model.eval()
+
+
+def _projection(num_outputs: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A fixed random unit vector over the logits: the net's scalar output for the shattering probe."""
+    v = torch.randn(num_outputs, generator=torch.Generator().manual_seed(seed))
+    return (v / v.norm()).to(device)
+
+
+def mean_pairwise_cosine(grads: torch.Tensor) -> float:
+    """Mean cosine similarity over all pairs of different rows (images), in O(N·D).
+
+    Σ_{i≠j} cos(g_i, g_j) = ‖Σ_i ĝ_i‖² − Σ_i ‖ĝ_i‖²; a zero gradient counts as similarity 0.
+    """
+    unit = F.normalize(grads.flatten(1).double(), dim=1)
+    n = unit.shape[0]
+    off_diagonal = unit.sum(0).pow(2).sum() - unit.pow(2).sum()
+    return float(off_diagonal / (n * (n - 1)))
+
+
+def input_gradient_correlation(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
+    """Shattered gradients (Balduzzi et al. 2017): how alike ∂f/∂x is for different images.
+
+    Balduzzi et al. study the gradient of a net's scalar output with respect to its input. Here f
+    is a fixed random projection vᵀ·logits (v from `seed`): it needs no labels and no softmax, so a
+    linear net gives the same gradient for every image (correlation exactly 1) and any drop below
+    1 is the net's own nonlinearity. The net is evaluated as a function of one image — BatchNorm
+    uses the statistics the model holds — so call it where those are the batch's (`probe_model` does).
+    """
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    v = _projection(logits.shape[1], seed, logits.device)
+    (grads,) = torch.autograd.grad((logits.float() @ v).sum(), x)
+    return mean_pairwise_cosine(grads)
+
+
+def _block_outputs(refs: list[BlockRef], rows: dict[str, dict]) -> list:
+    """Forward hooks storing each block output's mean and std."""
+
+    def keep(ref: BlockRef):
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            out = output.detach().float()
+            rows[ref.name].update(act_mean=float(out.mean()), act_std=float(out.std()))
+        return hook
+
+    return [(ref.module, keep(ref)) for ref in refs]
+
+
+def _weighted_layers(model: nn.Module) -> tuple[list, list[tuple[str, nn.Module]]]:
+    """Hooks that list the conv/linear layers in the order the forward calls them."""
+    order: list[tuple[str, nn.Module]] = []
+    names = {m: n for n, m in model.named_modules() if isinstance(m, WEIGHTED)}
+
+    def called(module: nn.Module, inputs, output) -> None:
+        if all(module is not m for _, m in order):
+            order.append((names[module], module))
+
+    return [(m, called) for m in names], order
+
+
+def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, projection_seed: int = 0) -> ProbeResult:
+    """Gradient norms, block signals, branch sizes and shattering of `model` on one batch.
+
+    Train mode: BatchNorm normalises by this batch's statistics, exactly as in a training step, so
+    the gradients are those SGD would take (eval mode at initialisation would normalise by the
+    untouched running statistics 0 and 1, i.e. not at all). The input-gradients are taken with those
+    same statistics held fixed, so that each image's gradient is its own. Parameter `.grad`s, BN
+    running statistics and the train/eval mode are left as they were; the loss is the mean cross-entropy.
+    """
+    refs = blocks(model)
+    rows = {ref.name: {"name": ref.name, "stage": ref.stage, "index": ref.index} for ref in refs}
+    ratios = BranchRatios()
+    layer_hooks, order = _weighted_layers(model)
+    bn_hooks, seen = _batch_statistics(model)
+    with _restored(model):
+        model.train()
+        with _hooks(layer_hooks + bn_hooks + _block_outputs(refs, rows)), _on_branches(model, ratios):
+            loss = F.cross_entropy(model(x), y)
+        weights = [m.weight for _, m in order]
+        grads = torch.autograd.grad(loss, weights)
+        _freeze_batch_statistics(model, seen)
+        correlation = input_gradient_correlation(model, x, projection_seed)
+    for ref, ratio in ratios.per_block().items():
+        rows[ref.name]["branch_ratio"] = float(ratio)
+    layers = {name: float(torch.linalg.vector_norm(g)) for (name, _), g in zip(order, grads)}
+    return ProbeResult(float(loss.detach()), layers, list(rows.values()), correlation)
+
+
+# ----------------------------------------------------------------------------- lesions
+
+
+@contextlib.contextmanager
+def removed(ref: BlockRef) -> Iterator[None]:
+    """The block replaced by λ·shortcut(x) (a plain block: by the identity) until the `with` ends.
+
+    A forward hook replaces the block's output, so nothing in the net is rebuilt and removing the
+    hook restores it exactly. A plain block whose output shape differs from its input is not removable.
+    """
+    shortcut = getattr(ref.module, "shortcut", None)
+
+    def bypass(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        if shortcut is not None:
+            return _shortcut_output(module, x)
+        if x.shape != output.shape:
+            raise ValueError(f"block {ref.name} changes the shape {tuple(x.shape)} → {tuple(output.shape)}: not removable")
+        return x
+
+    with _hooks([(ref.module, bypass)]):
+        yield
+
+
+def _shape_changes(model: nn.Module, x: torch.Tensor) -> dict[str, bool]:
+    """Which blocks map their input to an output of another shape (on one image)."""
+    changes: dict[str, bool] = {}
+
+    def watch(ref: BlockRef):
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            changes[ref.name] = inputs[0].shape != output.shape
+        return hook
+
+    with _hooks([(ref.module, watch(ref)) for ref in blocks(model)]), torch.no_grad():
+        model(x[:1])
+    return changes
+
+
+def _error_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Top-1 error (%) and mean cross-entropy over the data, in chunks."""
+    wrong, loss = 0, 0.0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        wrong += int((logits.argmax(1) != target).sum())
+        loss += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+    return 100.0 * wrong / len(x), loss / len(x)
+
+
+def lesion(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> list[dict]:
+    """Error and loss on (x, y) with each block removed in turn (Veit et al. 2016), in eval mode.
+
+    The first row is the intact net (`removed` None); then one row per block with `removed` its
+    name, `stage`, `index`, `removable`, `error` (%) and `loss` (None where not removable). Eval
+    mode because a lesion tests the trained function as it would be used. The model is unchanged afterwards.
+    """
+    rows = []
+    with _restored(model), torch.no_grad():
+        model.eval()
+        changes = _shape_changes(model, x)
+        error, loss = _error_and_loss(model, x, y, batch_size)
+        rows.append({"removed": None, "stage": None, "index": None, "removable": True, "error": error, "loss": loss})
+        for ref in blocks(model):
+            removable = getattr(ref.module, "shortcut", None) is not None or not changes[ref.name]
+            error = loss = None
+            if removable:
+                with removed(ref):
+                    error, loss = _error_and_loss(model, x, y, batch_size)
+            rows.append({"removed": ref.name, "stage": ref.stage, "index": ref.index, "removable": removable,
+                         "error": error, "loss": loss})
+    return rows
+
+
+# ----------------------------------------------------------------------------- across depths
+
+
+def probe_row(arch: str, depth: int, result: ProbeResult) -> dict:
+    """One tidy row per net: what the depth plot needs."""
+    norms = list(result.layers.values())
+    ratios = [b["branch_ratio"] for b in result.blocks if "branch_ratio" in b]
+    return {"arch": arch, "depth": depth, "loss": result.loss, "grad_first": norms[0], "grad_last": norms[-1],
+            "grad_ratio": result.grad_ratio, "gradient_correlation": result.gradient_correlation,
+            "branch_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
+            "act_std_last": result.blocks[-1]["act_std"] if result.blocks else math.nan}
+
+
+def probe_depths(archs: Sequence[str], depths: Sequence[int], *, batch: tuple[torch.Tensor, torch.Tensor],
+                 seed: int, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Fresh nets at initialisation (`models.build_model`, weights from `seed`) probed on one batch.
+
+    The global RNG is left as it was, so probing does not shift a later training run's draws.
+    """
+    x, y = (t.to(device) for t in batch)
+    rows = []
+    for arch in archs:
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+        for depth in depths:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = models.build_model(arch, depth).to(device)
+            rows.append(probe_row(arch, depth, probe_model(model, x, y)))
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+
+
+PANELS = (("grad_ratio", "‖∂L/∂W‖ first / last layer", True),
+          ("gradient_correlation", "input-gradient correlation", False),
+          ("branch_ratio", "mean RMS F(x) / RMS x", False),
+          ("act_std_last", "std of the last block's output", True))
+ARCH_STYLE = {"plain": ("plain", "tab:red"), "residual": ("ResNet", "tab:blue")}
+
+
+def probe_figure(frame: pd.DataFrame) -> Figure:
+    """Plain vs ResNet against depth, one panel per measure (a `probe_depths` frame)."""
+    fig = Figure(figsize=(14, 3.6), layout="constrained")
+    for ax, (column, title, log) in zip(fig.subplots(1, len(PANELS)), PANELS):
+        for arch, rows in frame.sort_values("depth").groupby("arch", sort=False):
+            label, colour = ARCH_STYLE.get(arch, (arch, None))
+            ax.plot(rows["depth"], rows[column], "o-", label=label, color=colour)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("depth (layers)")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend()
+    return fig
