@@ -201,6 +201,78 @@ def bench(
             console.print(f"  {label:<45} {result[key]:>10,.0f} images/s{ratio}")
 
 
+@app.command()
+def probe(
+    arch: list[str] = typer.Option(["plain", "residual"], "--arch", help="plain and/or residual (repeat the option)."),
+    depth: list[int] = typer.Option([8, 20, 56, 110], "--depth", help="Depths 6n+2 (repeat the option)."),
+    cell: Optional[Path] = typer.Option(None, "--cell", help="Probe a finished cell's weights (results/<name>/cells/<id>) and remove one block at a time."),
+    data: Optional[str] = DataOpt,
+    batch_size: int = typer.Option(128, "--batch-size", min=2, help="Images in the probed batch."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the initial weights and of the batch drawn."),
+    out: Path = typer.Option(Path("results/probe"), "--out", help="Folder for probe.csv and probe.png."),
+    fmt: Format = typer.Option(Format.text, "--format", help="text, json or markdown."),
+) -> None:
+    """Why plain nets degrade: gradient norms, signal scale, residual-branch size and shattered gradients, per depth."""
+    from .config import DataSpec
+    from .data import DataError
+    from .options import ARCHS, depth_error
+    from .probe import probe_batch, probe_depths, probe_figure, probe_trained
+
+    with user_errors():
+        for a in arch:
+            if a not in ARCHS:
+                raise ConfigError("--arch", "", f"expected one of {', '.join(ARCHS)}, got {a!r}")
+        for d in depth:
+            problem = depth_error(d)
+            if problem:
+                raise ConfigError("--depth", "", problem)
+        spec = DataSpec(source="cifar10", path=data) if data else DataSpec(source="synthetic")
+        try:
+            batch = probe_batch(spec, batch_size, seed)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        if cell is not None:
+            try:
+                result, lesions = probe_trained(cell, batch)
+            except FileNotFoundError as err:
+                raise DataError(str(err)) from None
+    if cell is not None:
+        payload = {"cell": str(cell), "loss": result.loss, "grad_ratio": result.grad_ratio,
+                   "gradient_correlation": result.gradient_correlation, "blocks": result.blocks, "lesion": lesions}
+        if fmt is Format.json:
+            print(json.dumps(payload, indent=2, default=float))
+            return
+        table = Table(title=f"{cell.name}: test of removing one block (error % on the probed batch)")
+        for column in ("removed", "error %", "loss"):
+            table.add_column(column)
+        for row in lesions:
+            error = "not removable" if row["error"] is None else f"{row['error']:.2f}"
+            loss = "" if row["loss"] is None else f"{row['loss']:.3f}"
+            table.add_row(str(row["removed"] or "(intact)"), error, loss)
+        console.print(table)
+        console.print(f"gradient-norm ratio first/last layer {result.grad_ratio:.3g}; input-gradient correlation "
+                      f"{result.gradient_correlation:.4f}")
+        return
+    frame = probe_depths(arch, depth, batch=batch, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "probe.csv", index=False)
+    probe_figure(frame).savefig(out / "probe.png", dpi=120)
+    if fmt is Format.json:
+        print(frame.to_json(orient="records", indent=2))
+    elif fmt is Format.markdown:
+        print("| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns))
+        for _, row in frame.iterrows():
+            print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    else:
+        table = Table(title="at initialisation, on one batch (train-mode BatchNorm)")
+        for column in frame.columns:
+            table.add_column(column, justify="right")
+        for _, row in frame.iterrows():
+            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        console.print(table)
+        console.print(f"wrote {out / 'probe.csv'}, {out / 'probe.png'}")
+
+
 def main() -> None:
     app(prog_name="depthlab")
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 
 from . import models
 from .options import ARCHS
+
+if TYPE_CHECKING:
+    from .config import DataSpec
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 PROBE_COLUMNS = ["arch", "depth", "loss", "grad_first", "grad_last", "grad_ratio", "gradient_correlation",
@@ -433,3 +437,32 @@ def probe_figure(frame: pd.DataFrame) -> Figure:
         ax.grid(alpha=0.3)
     fig.axes[0].legend()
     return fig
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def probe_batch(spec: DataSpec, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` training images of `spec` (a fixed random draw), normalised as training normalises them."""
+    from .data import Normalizer, load_images
+
+    images = load_images(spec)
+    if size > len(images.train_y):
+        raise ValueError(f"--batch-size {size} is more than the {len(images.train_y)} training images")
+    pick = torch.randperm(len(images.train_y), generator=torch.Generator().manual_seed(seed))[:size]
+    normalize = Normalizer(images.train_x, spec.normalize)
+    return normalize(images.train_x[pick]), images.train_y[pick]
+
+
+def probe_trained(cell_dir: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[ProbeResult, list[dict]]:
+    """The probe and the lesion table of a finished cell's saved weights, on `batch`."""
+    from .layout import CellFolder
+
+    folder = CellFolder(cell_dir)
+    config = folder.read_config()
+    if not folder.weights.is_file() or not config:
+        raise FileNotFoundError(f"{cell_dir}: no finished cell here (needs {folder.config.name} and {folder.weights.name})")
+    model = models.build_model(config["arch"], config["depth"], config.get("shortcut", "A"))
+    model.load_state_dict(torch.load(folder.weights, map_location="cpu", weights_only=True))
+    x, y = batch
+    return probe_model(model, x, y), lesion(model, x, y)
