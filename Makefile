@@ -7,7 +7,7 @@ CONFIG ?= configs/cifar.yaml
 DATA ?=
 DATA_FLAG := $(if $(DATA),--data $(DATA))
 
-.PHONY: install sweep quick cpu smoke report plan bench test
+.PHONY: install sweep quick cpu smoke ablation probe report plan bench test
 
 install: $(BIN)/depthlab
 
@@ -25,6 +25,12 @@ quick: install                 ## the same comparison on a short schedule
 
 cpu: install                   ## the comparison sized for a CPU (about half an hour on 2 cores)
 	$(BIN)/depthlab sweep configs/cpu.yaml $(DATA_FLAG)
+
+ablation: install              ## which cause? shortcut scale, init, BatchNorm, block order (ABLATION=configs/ablation-cpu.yaml on a CPU)
+	$(BIN)/depthlab sweep $(or $(ABLATION),configs/ablation.yaml) $(DATA_FLAG)
+
+probe: install                 ## gradients, signal and shattering per depth at initialisation (seconds on a CPU)
+	$(BIN)/depthlab probe $(DATA_FLAG)
 
 smoke: install                 ## seconds on a CPU, synthetic data
 	$(BIN)/depthlab sweep configs/smoke.yaml

@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .options import ARCHS, SHORTCUTS, depth_error
+from .options import ARCHS, BLOCK_ORDERS, FAMILIES, INITS, NORMS, SHORTCUTS, NetSpec, depth_error, net_spec_error
 
 
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -147,13 +147,14 @@ class Cell:
     train: TrainSpec
     data: DataSpec
     tags: tuple[tuple[str, Any], ...] = ()  # the options that tell this cell from others of the same net and seed
+    net: tuple[tuple[str, Any], ...] = ()  # the net's ablation options (NET_KEYS) that differ from the 2015 net
 
     @property
     def id(self) -> str:
         parts = [self.arch, str(self.depth)]
         if self.arch == "residual" and self.shortcut != "A":
             parts.append(self.shortcut)
-        parts += [f"{k}={_slug(v)}" for k, v in self.tags]
+        parts += [f"{k}={_slug(v)}" for k, v in self.net + self.tags]
         parts.append(f"s{self.seed}")
         return "-".join(parts)
 
@@ -168,7 +169,12 @@ class Cell:
             "train": dataclasses.asdict(self.train),
             "data": self.data.identity(),
             "tags": dict(self.tags),
+            **({"net": dict(self.net)} if self.net else {}),  # absent for the 2015 net: its fingerprints stay as they were
         }
+
+    def net_spec(self) -> NetSpec:
+        """The net this cell trains, for `models.build_net`."""
+        return NetSpec(self.arch, self.depth, shortcut=self.shortcut, **dict(self.net))
 
     def fingerprint(self) -> str:
         """A hash of what defines the result (not its name): equal fingerprints mean a finished result is still valid."""
@@ -195,15 +201,16 @@ class SweepConfig:
             document["description"] = self.description
         document["data"] = dataclasses.asdict(self.data)
         document["runtime"] = dataclasses.asdict(self.runtime)
-        document["cells"] = [{"arch": c.arch, "depth": c.depth, "seed": c.seed, "shortcut": c.shortcut,
+        document["cells"] = [{"arch": c.arch, "depth": c.depth, "seed": c.seed, "shortcut": c.shortcut, **dict(c.net),
                               **dataclasses.asdict(c.train)} for c in self.cells]
         return document
 
 
-CELL_KEYS = ("arch", "depth", "seed", "shortcut")
+NET_KEYS = ("family", "shortcut_scale", "init", "norm", "block")  # the ablation axes of options.NetSpec
+CELL_KEYS = ("arch", "depth", "seed", "shortcut") + NET_KEYS
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainSpec))
 TOP_KEYS = ("name", "description", "data", "model", "train", "runtime", "grid", "cells")
-MODEL_KEYS = ("shortcut",)
+MODEL_KEYS = ("shortcut",) + NET_KEYS
 SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size", "steps": "iterations",
             "iters": "iterations", "max_iters": "iterations", "archs": "arch", "depths": "depth", "seeds": "seed",
             "dataset": "data", "option": "shortcut", "dtype": "precision"}
@@ -420,7 +427,8 @@ def _validate_runtime(spec: RuntimeSpec, source: str) -> None:
 def _option_hint(key: str) -> Any:
     if key in TRAIN_KEYS:
         return typing.get_type_hints(TrainSpec)[key]
-    return {"arch": Literal[ARCHS], "depth": int, "seed": int, "shortcut": Literal[SHORTCUTS]}[key]
+    return {"arch": Literal[ARCHS], "depth": int, "seed": int, "shortcut": Literal[SHORTCUTS], "family": Literal[FAMILIES],
+            "shortcut_scale": float, "init": Literal[INITS], "norm": Literal[NORMS], "block": Literal[BLOCK_ORDERS]}[key]
 
 
 def _choices(key: str, value: Any) -> list[Any]:
@@ -452,7 +460,7 @@ def expand_grid(options: dict[str, Any], source: str, where: str, limit: int = M
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
-def _make_cell(options: dict[str, Any], base: dict[str, Any], default_shortcut: str, data: DataSpec, source: str, where: str) -> Cell:
+def _make_cell(options: dict[str, Any], base: dict[str, Any], model: dict[str, Any], data: DataSpec, source: str, where: str) -> Cell:
     for key in ("arch", "depth"):
         if key not in options:
             raise ConfigError(source, where, f"every cell needs '{key}' (set it in grid or in the cell)")
@@ -472,8 +480,14 @@ def _make_cell(options: dict[str, Any], base: dict[str, Any], default_shortcut: 
     spec = TrainSpec(**train)
     _validate_train(spec, source, where)
     arch = options["arch"]
-    shortcut = options.get("shortcut", default_shortcut) if arch == "residual" else "A"
-    return Cell(arch=arch, depth=options["depth"], seed=seed, shortcut=shortcut, train=spec, data=data)
+    chosen = {**model, **{k: v for k, v in options.items() if k in MODEL_KEYS}}
+    net = NetSpec(arch, options["depth"], **chosen)
+    problem = net_spec_error(net)
+    if problem:
+        raise ConfigError(source, where, problem)
+    net = net.canonical()
+    return Cell(arch=arch, depth=options["depth"], seed=seed, shortcut=net.shortcut, train=spec, data=data,
+                net=tuple((k, v) for k, v in net.non_default() if k != "shortcut"))
 
 
 def _name_variants(cells: list[Cell]) -> list[Cell]:
@@ -485,10 +499,10 @@ def _name_variants(cells: list[Cell]) -> list[Cell]:
     unique = list({c.fingerprint(): c for c in cells}.values())
     groups: dict[tuple, list[Cell]] = {}
     for cell in unique:
-        groups.setdefault((cell.arch, cell.depth, cell.shortcut, cell.seed), []).append(cell)
+        groups.setdefault((cell.arch, cell.depth, cell.shortcut, cell.net, cell.seed), []).append(cell)
     named = []
     for cell in unique:
-        siblings = groups[(cell.arch, cell.depth, cell.shortcut, cell.seed)]
+        siblings = groups[(cell.arch, cell.depth, cell.shortcut, cell.net, cell.seed)]
         recipes = [dataclasses.asdict(c.train) for c in siblings]
         differing = [k for k in TRAIN_KEYS if len({json.dumps(r[k]) for r in recipes}) > 1]
         named.append(dataclasses.replace(cell, tags=tuple((k, getattr(cell.train, k)) for k in differing)))
@@ -564,7 +578,7 @@ def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
     _validate_runtime(runtime, source)
     model = _section(raw, "model", source)
     _reject_unknown(model, MODEL_KEYS, source, "model.")
-    default_shortcut = _check(model.get("shortcut", "A"), Literal[SHORTCUTS], source, "model.shortcut")
+    model = {k: _check(v, _option_hint(k), source, f"model.{k}") for k, v in model.items()}
 
     train_raw = _section(raw, "train", source)
     base = dataclasses.asdict(_build(TrainSpec, train_raw, source, "train."))
@@ -572,7 +586,7 @@ def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
         base["iterations"] = None
     _validate_train(TrainSpec(**base), source, "train")
 
-    cells = _name_variants([_make_cell(options, base, default_shortcut, data, source, where) for options, where in _combos(raw, source)])
+    cells = _name_variants([_make_cell(options, base, model, data, source, where) for options, where in _combos(raw, source)])
     _check_cell_ids(cells, source)
     description = raw.get("description")
     config = SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source,

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from .config import SweepConfig
 from .layout import CellState
-from .models import model_size
+from .models import net_size
 from .sweep import auto_jobs, cell_state
 
 
@@ -25,7 +25,7 @@ def plan_cells(config: SweepConfig, out_dir: Path) -> list[dict[str, Any]]:
     n_train = config.data.expected_train_images()
     rows = []
     for cell in config.cells:
-        params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
+        params, macs = net_size(cell.net_spec())
         length = cell.train.run_length(n_train)
         images = length.iterations * cell.train.batch_size
         state = cell_state(out_dir, cell)

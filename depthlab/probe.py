@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from . import models
-from .options import ARCHS
+from .options import ARCHS, NetSpec
 
 if TYPE_CHECKING:
     from .config import DataSpec
@@ -462,7 +462,8 @@ def probe_trained(cell_dir: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> t
     config = folder.read_config()
     if not folder.weights.is_file() or not config:
         raise FileNotFoundError(f"{cell_dir}: no finished cell here (needs {folder.config.name} and {folder.weights.name})")
-    model = models.build_model(config["arch"], config["depth"], config.get("shortcut", "A"))
+    spec = NetSpec(config["arch"], config["depth"], shortcut=config.get("shortcut", "A"), **config.get("net", {}))
+    model = models.build_net(spec)
     model.load_state_dict(torch.load(folder.weights, map_location="cpu", weights_only=True))
     x, y = batch
     return probe_model(model, x, y), lesion(model, x, y)

@@ -32,8 +32,9 @@ import yaml
 from . import __version__, files
 from .config import CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, DataSpec, RuntimeSpec, SweepConfig, check_fits_data
 from .data import Images, load_images
+from .options import NetSpec
 from .layout import CellState, ResultsFolder
-from .models import build_model, model_size
+from .models import build_net, net_size
 from .train import CellEvents, device_name, resolve_device, train_cell
 
 GIB = 1024**3
@@ -95,17 +96,17 @@ def environment(device: torch.device) -> dict[str, Any]:
 def cell_cost(cell: Cell, n_train: int) -> float:
     """Relative training cost (MACs × images), for running the longest cells first."""
     images = cell.train.run_length(n_train).iterations * cell.train.batch_size
-    return model_size(cell.arch, cell.depth, cell.shortcut)[1] * images
+    return net_size(cell.net_spec())[1] * images
 
 
 @lru_cache(maxsize=None)
-def saved_activation_bytes(arch: str, depth: int, shortcut: str) -> tuple[int, int]:
+def saved_activation_bytes(spec: NetSpec) -> tuple[int, int]:
     """Bytes per image that autograd keeps for the backward pass in fp32: in all, and the largest tensor.
 
     Measured on the CPU, in a forward pass of two images under saved-tensor hooks that count
     each saved storage once and leave out the parameters; a GPU keeps the same tensors.
     """
-    model = build_model(arch, depth, shortcut)
+    model = build_net(spec)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -134,8 +135,8 @@ def memory_per_job(cell: Cell, runtime: RuntimeSpec) -> int:
     The CUDA context, the dataset, the parameters with their gradients and momentum, and the
     larger of training's saved activations (with an allowance) and an evaluation batch's.
     """
-    params, _ = model_size(cell.arch, cell.depth, cell.shortcut)
-    per_image, largest = saved_activation_bytes(cell.arch, cell.depth, cell.shortcut)
+    params, _ = net_size(cell.net_spec())
+    per_image, largest = saved_activation_bytes(cell.net_spec())
     training = ACTIVATION_ALLOWANCE * per_image * cell.train.batch_size
     evaluation = 3 * largest * runtime.eval_batch_size  # no_grad: a layer's input, output and one temporary at a time
     return int(CUDA_CONTEXT_BYTES + dataset_bytes(cell.data) + PARAMETER_COPIES * 4 * params + max(training, evaluation))

@@ -30,7 +30,7 @@ from . import files
 from .config import Cell, RunLength, RuntimeSpec, TrainSpec
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
 from .layout import METRIC_COLUMNS, CellFolder, Summary
-from .models import build_model, model_size
+from .models import build_net, net_size
 
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
 # The paper's ResNet-110 warm-up lasted "about 400 iterations". A net that never reaches the threshold
@@ -301,7 +301,7 @@ def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_ba
     if compile_mode != "none":
         torch._dynamo.reset()
     torch.manual_seed(cell.seed)
-    model = build_model(cell.arch, cell.depth, cell.shortcut).to(device)
+    model = build_net(cell.net_spec()).to(device)
     memory_format = resolve_memory_format(runtime, device)
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, cell.train, device)
@@ -461,7 +461,7 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
 
     `images_per_second` counts every step, though the few timed as compilation are not in `train_seconds`.
     """
-    params, macs = model_size(cell.arch, cell.depth, cell.shortcut)
+    params, macs = net_size(cell.net_spec())
     last = state.rows[-1]
     execution = "eager-fallback" if state.fallback_reason else step.execution
     return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
