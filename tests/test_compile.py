@@ -23,7 +23,7 @@ from depthlab.config import RuntimeSpec, parse_config
 from depthlab.data import synthetic_images
 from depthlab.layout import CellFolder
 from depthlab.models import STAGE_WIDTHS
-from depthlab.options import blocks_per_stage
+from depthlab.options import NetSpec, blocks_per_stage
 from depthlab.sweep import GIB, auto_jobs, dataset_bytes, memory_per_job, saved_activation_bytes
 from depthlab.train import TrainStep, configure_device, kernel_settings, make_step, train_cell
 
@@ -209,7 +209,7 @@ def conv_output_bytes(depth: int) -> int:
 
 def test_saved_activations_are_about_two_tensors_per_conv_output() -> None:
     for depth in (20, 56):
-        per_image, largest = saved_activation_bytes("residual", depth, "A")
+        per_image, largest = saved_activation_bytes(NetSpec("residual", depth))
         assert 1.5 * conv_output_bytes(depth) < per_image < 3 * conv_output_bytes(depth)  # BN keeps the conv's output, ReLU its own
         assert largest == STAGE_WIDTHS[0] * 32 * 32 * 4
 
