@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import pandas as pd
 import torch
@@ -30,6 +30,7 @@ from .layout import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_model, model_size
 
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
+PROGRESS_SECONDS = 2.0  # a choice, not measured: a live bar that moves, at a cost of one host clock read per step
 
 
 class CellEvents(Protocol):
@@ -37,6 +38,7 @@ class CellEvents(Protocol):
 
     def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None: ...
     def epoch_done(self, cell_id: str, row: dict) -> None: ...
+    def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None: ...
 
 
 class DeviceError(Exception):
@@ -166,6 +168,23 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
+class Throttled:
+    """Passes an iteration count on to `report` at most once per `seconds` of wall time.
+
+    It reads the host clock and a Python int, never the device, so it adds no synchronisation
+    (on a GPU the count is of steps queued, which run ahead of those finished by a few).
+    """
+
+    def __init__(self, report: Callable[[int], None], seconds: float):
+        self.report, self.seconds, self.last = report, seconds, time.monotonic()
+
+    def __call__(self, iterations: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.seconds:
+            self.last = now
+            self.report(iterations)
+
+
 @dataclass
 class TrainState:
     """The loop's progress, saved in each checkpoint: enough to continue exactly where it stopped."""
@@ -200,10 +219,12 @@ def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec) -> Trainin
 
 
 def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
-                state: TrainState, device: torch.device) -> tuple[float, float, float]:
+                state: TrainState, device: torch.device,
+                progress: Callable[[int], None] | None = None) -> tuple[float, float, float]:
     """One pass over the batches (or what is left of the iteration budget): running loss, error % and the last lr.
 
-    Advances `state.iteration` and ends the warm-up in `state`. Loss and errors are summed on the
+    Advances `state.iteration` and ends the warm-up in `state`; `progress` gets the count of
+    this epoch's iterations after each step. Loss and errors are summed on the
     device and read once at the end. During a warm-up the error of each window of
     WARMUP_CHECK_EVERY batches is read to decide when it ends; windows restart with each epoch,
     so a run resumed at an epoch boundary decides exactly as before.
@@ -212,6 +233,7 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
     errors = torch.zeros((), device=device, dtype=torch.long)
     window_errors = torch.zeros((), device=device, dtype=torch.long)
     seen = window_seen = 0
+    first_iteration = state.iteration
     lr = schedule.lr_at(state.iteration, state.warming_up)
     for x, y in batches:
         if state.iteration >= schedule.total:
@@ -224,6 +246,8 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
         errors += wrong
         seen += len(y)
         state.iteration += 1
+        if progress is not None:
+            progress(state.iteration - first_iteration)
         if state.warming_up:
             window_errors += wrong
             window_seen += len(y)
@@ -281,6 +305,8 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
                                      "run_length": asdict(length)})
     if events:
         events.cell_started(cell.id, length.epochs, state.epoch)
+    progress = Throttled(lambda done: events.epoch_progress(cell.id, state.epoch + 1, done, length.iterations_per_epoch),
+                         PROGRESS_SECONDS) if events else None
 
     diverged = False
     epochs_this_call = 0
@@ -292,7 +318,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         generator = epoch_generator(cell.seed, state.epoch, device)
         batches = ((training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
                    for index in epoch_batches(n_train, spec.batch_size, generator, device))
-        train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device)
+        train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device, progress)
         diverged = not math.isfinite(train_loss)
         state.train_seconds += time.perf_counter() - started
         row = {"epoch": state.epoch + 1, "iteration": state.iteration, "lr": lr, "train_loss": train_loss, "train_err": train_err}
