@@ -328,5 +328,5 @@ def _repair_sweep_file(results: ResultsFolder) -> Optional[Repair]:
         parse_config(yaml.safe_load(path.read_text()), source=path.name)
         return None
     except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as err:
-        reason = f"{path.name} does not read back ({(str(err).splitlines() or [type(err).__name__])[0]})"
+        reason = f"does not read back as a sweep ({(str(err).splitlines() or [type(err).__name__])[0]})"
     return Repair(path.name, reason, results.set_aside(path.stem, [path]), "writing it again from the config")
