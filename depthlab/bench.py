@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -194,21 +195,42 @@ def run_bench(options: BenchOptions) -> dict:
     return result
 
 
-def estimate_seconds(cells: list[Cell], device: torch.device, runtime: RuntimeSpec, n_train: int, jobs: int,
-                     steps: int = 20) -> dict[str, Any]:
-    """Calibrate each distinct model briefly and project each cell's and the sweep's wall time.
+ESTIMATE_REPEATS = 3  # a choice: the fewest timings that show a spread, to keep `plan --estimate` short
 
-    The sweep's figure assumes `jobs` cells at once add up linearly: an optimistic bound.
+
+def _model_key(cell: Cell) -> tuple:
+    """What sets a cell's speed: cells that share it are timed once."""
+    return cell.arch, cell.depth, cell.shortcut, cell.train.batch_size, cell.train.precision
+
+
+def estimate_seconds(cells: list[Cell], device: torch.device, runtime: RuntimeSpec, n_train: int, jobs: int,
+                     steps: int = 20, repeats: int = ESTIMATE_REPEATS) -> dict[str, Any]:
+    """Time each distinct model `repeats` times and project each cell's and the sweep's wall time, with its spread.
+
+    One untimed run first pays the process's one-time costs (thread pools, allocator, kernel
+    choice), which would otherwise all land on the first model timed. The repeats take turns
+    over the models, so a change in the machine's load touches each alike; the spread (standard
+    deviation) over repeats is the uncertainty. The sweep's figure assumes `jobs` cells at once
+    add up linearly: an optimistic bound.
     """
     images = bench_images(2_000).to(device)
-    rates: dict[tuple, float] = {}
-    per_cell = {}
-    for cell in cells:
-        key = (cell.arch, cell.depth, cell.shortcut, cell.train.batch_size, cell.train.precision)
-        if key not in rates:
-            probe = dataclasses.replace(cell, seed=0)
-            rates[key] = depthlab_rate(probe, steps=steps, warmup=5, device=device, runtime=runtime, images=images)
-        per_cell[cell.id] = cell.train.run_length(n_train).iterations * cell.train.batch_size / rates[key]
-    total = sum(per_cell.values())
-    return {"cells": per_cell, "serial_seconds": total, "jobs": jobs,
-            "wall_seconds": max(total / jobs, max(per_cell.values(), default=0.0))}
+    probes = {_model_key(cell): dataclasses.replace(cell, seed=0) for cell in cells}
+
+    def rate(probe: Cell) -> float:
+        return depthlab_rate(probe, steps=steps, warmup=5, device=device, runtime=runtime, images=images)
+
+    if probes:
+        rate(next(iter(probes.values())))  # the warm-up: not timed
+    rates = [{key: rate(probe) for key, probe in probes.items()} for _ in range(repeats)]
+    images_per_cell = {cell.id: cell.train.run_length(n_train).iterations * cell.train.batch_size for cell in cells}
+    seconds = [{cell.id: images_per_cell[cell.id] / timing[_model_key(cell)] for cell in cells} for timing in rates]
+    serial = [sum(each.values()) for each in seconds]
+    wall = [max(total / jobs, max(each.values(), default=0.0)) for total, each in zip(serial, seconds)]
+
+    def spread(values: list[float]) -> float:
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    return {"cells": {cell.id: statistics.fmean(each[cell.id] for each in seconds) for cell in cells},
+            "serial_seconds": statistics.fmean(serial), "serial_seconds_spread": spread(serial),
+            "wall_seconds": statistics.fmean(wall), "wall_seconds_spread": spread(wall),
+            "jobs": jobs, "repeats": repeats}

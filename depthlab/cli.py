@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import __version__
 from .config import ConfigError, load_config, with_overrides
 from .data import DataError
 
@@ -24,6 +25,27 @@ errors = Console(stderr=True, soft_wrap=True)
 
 USER_ERROR = 2
 RUN_ERROR = 1
+PIPE_WIDTH = 10_000  # a guess that no table row reaches: in a log or a pipe each row stays on one line
+
+
+def default_text(value: str) -> str:
+    """'[default: …]' in a help text, escaped so that rich prints it rather than reading it as markup."""
+    return escape(f"[default: {value}]")
+
+
+def _version(show: bool) -> None:
+    if show:
+        console.print(f"depthlab {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """The options that come before a command (the app's help text is given to typer.Typer above)."""
+    for output in (console, errors):  # tables wrapped at 80 columns would spread each number over three lines of a log
+        output.width = None if output.is_terminal else PIPE_WIDTH
 
 
 @contextmanager
@@ -49,8 +71,8 @@ def _load(config: Path, data: Optional[str], device: Optional[str], jobs: Option
 
 
 ConfigArg = typer.Argument(..., help="A sweep file, e.g. configs/cifar.yaml.", show_default=False)
-OutOpt = typer.Option(None, "--out", help="Results folder [default: results/<name>].")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N [default: the config's runtime.device].")
+OutOpt = typer.Option(None, "--out", help=f"Results folder {default_text('results/<name>')}.")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N " + default_text("the config's runtime.device") + ".")
 DataOpt = typer.Option(None, "--data", help="An existing CIFAR-10: the python release, an image folder train/<class>/ test/<class>/, or a .tar.gz of one.")
 
 
@@ -60,7 +82,7 @@ def sweep(
     out: Optional[Path] = OutOpt,
     device: Optional[str] = DeviceOpt,
     data: Optional[str] = DataOpt,
-    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Cells trained at once [default: chosen from the device]."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help=f"Cells trained at once {default_text('chosen from the device')}."),
     force: bool = typer.Option(False, "--force", help="Retrain cells whose config changed; their old results move to superseded/."),
 ) -> None:
     """Train every cell of a sweep; re-run the same command to resume after an interruption."""
@@ -100,7 +122,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of cells."),
     estimate: bool = typer.Option(False, "--estimate", help="Time a few steps of each model on this device and project the wall time."),
     device: Optional[str] = DeviceOpt,
-    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Cells at once, for the estimate."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Cells at once, for the estimate " + default_text("the config's runtime.jobs") + "."),
 ) -> None:
     """List the cells a sweep will run, with parameters, multiply-accumulates and training compute."""
     from .plan import make_plan
@@ -123,8 +145,15 @@ def plan(
     console.print(table)
     console.print(f"total training compute: {sum(r['train_flops'] for r in rows) / 1e15:.1f} PFLOP")
     if projection:
-        console.print(f"estimated wall time on {cfg.runtime.device}: {projection['serial_seconds'] / 60:.1f} min one cell at a time, "
-                      f"about {projection['wall_seconds'] / 60:.1f} min with {projection['jobs']} at once (if they scale linearly)")
+        console.print(f"estimated wall time on {cfg.runtime.device}: {_minutes(projection, 'serial_seconds')} one cell at a time, "
+                      f"about {_minutes(projection, 'wall_seconds')} with {projection['jobs']} at once (if they scale linearly); "
+                      f"± is the spread over {projection['repeats']} timings; this assumes an idle machine, "
+                      "both now and while the sweep runs")
+
+
+def _minutes(projection: dict, key: str) -> str:
+    """'13.0 ± 2.1 min' from a projection's seconds and their spread."""
+    return f"{projection[key] / 60:.1f} ± {projection[key + '_spread'] / 60:.1f} min"
 
 
 class Format(str, Enum):
@@ -145,23 +174,29 @@ def _latest_results(root: Path = Path("results")) -> Path:
 
 @app.command()
 def report(
-    results: Optional[Path] = typer.Argument(None, help="A sweep's results folder [default: the latest under results/]."),
+    results: Optional[Path] = typer.Argument(None, help=f"A sweep's results folder {default_text('the latest under results/')}."),
     fmt: Format = typer.Option(Format.text, "--format", help="text (tables and verdict), json, or markdown."),
 ) -> None:
     """Training-error tables (plain vs residual per depth), the verdict, and a Figure-6-style plot."""
-    from .report import build_report, print_report, report_json, write_report
+    from .report import build_report, print_report, report_json, report_markdown, write_report
 
     with user_errors():
         folder = results or _latest_results()
         rep = build_report(folder)
+    try:
         written = write_report(rep, folder)
+    except OSError as err:  # a read-only or full results folder: the report itself still goes to stdout
+        written = []
+        errors.print(f"note: report files not written to {folder} ({err.strerror or err}); printing the report only",
+                     markup=False, highlight=False)
     if fmt is Format.json:
         print(json.dumps(report_json(rep), indent=2))
     elif fmt is Format.markdown:
-        print(written[0].read_text())
+        print(report_markdown(rep))
     else:
         print_report(rep, console)
-        console.print("wrote " + ", ".join(str(p) for p in written))
+        if written:
+            console.print("wrote " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -176,7 +211,7 @@ def bench(
     jobs: int = typer.Option(4, min=1, help="Cells at once for the concurrent measurement (1 skips it)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     compile_mode: str = typer.Option("auto", "--compile", help="auto, none, default, reduce-overhead or max-autotune."),
-    loader_workers: Optional[int] = typer.Option(None, min=0, help="DataLoader workers of the common-way baseline [default: min(4, CPU cores)]."),
+    loader_workers: Optional[int] = typer.Option(None, min=0, help=f"DataLoader workers of the common-way baseline {default_text('min(4, CPU cores)')}."),
     baseline: bool = typer.Option(True, help="Measure the common-way baseline too."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON."),
 ) -> None:

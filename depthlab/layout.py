@@ -14,6 +14,7 @@
             model.pt        the trained weights
             DONE            the fingerprint, written last: the cell is finished
         superseded/<id>-<time>/   cells moved aside by `sweep --force`
+        damaged/<id>-<time>/      files that did not read back whole, moved aside by `sweep` before it trains the cell again
 
 sweep, train, plan and report all go through this module; none of them spells a file name.
 It needs neither torch nor pandas.
@@ -21,16 +22,22 @@ It needs neither torch nor pandas.
 
 from __future__ import annotations
 
+import csv
+import io
+import itertools
+import json
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, TypedDict
+from typing import Any, Iterable, Optional, TypedDict
 
 from . import files
 
 METRIC_COLUMNS = ("epoch", "iteration", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_loss", "val_err", "seconds")
+PLOTTED_COLUMNS = ("epoch", "iteration", "train_err", "test_err")  # what the report reads from every metrics.csv
+SUMMARY_KEYS = ("id", "arch", "depth", "seed", "status", "epochs", "final")  # what the report reads from every summary.json
 
 
 class CellState(str, Enum):
@@ -42,6 +49,7 @@ class CellState(str, Enum):
     FINISHED = "finished"
     DIVERGED = "diverged"  # finished early with a non-finite loss: a result, recorded as such
     STALE = "stale"  # results (or a checkpoint) under another configuration: the sweep refuses or supersedes
+    DAMAGED = "damaged"  # a file does not read back whole (CellFolder.damage): the sweep moves it aside and trains again
 
     @property
     def ended(self) -> bool:
@@ -101,6 +109,49 @@ class Summary(TypedDict, total=False):
 
 
 @dataclass(frozen=True)
+class Damage:
+    """A cell file that does not read back whole, and how."""
+
+    file: Path
+    reason: str  # e.g. "metrics.csv has 1 of the 2 epochs that summary.json reports"
+
+
+class _Unreadable(Exception):
+    """Raised inside CellFolder.damage by the first file that fails its check."""
+
+    def __init__(self, file: Path, reason: str):
+        super().__init__(reason)
+        self.damage = Damage(file, reason)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, summary.json)."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise _Unreadable(path, f"{path.name} is empty or not a JSON object")
+    return value
+
+
+def _metric_epochs(path: Path) -> int:
+    """The number of epochs in a metrics.csv whose header and rows are whole, numbered 1, 2, …"""
+    try:
+        header, *rows = list(csv.reader(io.StringIO(path.read_text()))) or [[]]
+    except (UnicodeDecodeError, csv.Error):
+        raise _Unreadable(path, f"{path.name} is not readable text") from None
+    if not set(PLOTTED_COLUMNS) <= set(header):
+        raise _Unreadable(path, f"{path.name} is empty or lacks its header")
+    if any(len(row) != len(header) for row in rows):
+        raise _Unreadable(path, f"{path.name} is truncated (a row is cut short)")
+    epoch = header.index("epoch")
+    if [row[epoch] for row in rows] != [str(e) for e in range(1, len(rows) + 1)]:
+        raise _Unreadable(path, f"{path.name} does not number its epochs 1, 2, …")
+    return len(rows)
+
+
+@dataclass(frozen=True)
 class CellFolder:
     """The files of one cell."""
 
@@ -151,8 +202,45 @@ class CellFolder:
     def done_fingerprint(self) -> Optional[str]:
         return self.done.read_text().strip() if self.done.is_file() else None
 
+    def damage(self) -> Optional[Damage]:
+        """The first file that does not read back whole, or None.
+
+        An ended cell needs a fingerprint in DONE, a summary with SUMMARY_KEYS and a metrics.csv with
+        exactly the summary's epochs (else its curve and its table row would disagree). Without torch
+        a checkpoint is only checked for being empty; the sweep loads it to be sure.
+        """
+        try:
+            if self.config.is_file():
+                _json_object(self.config)
+            epochs = _metric_epochs(self.metrics) if self.metrics.is_file() else None
+            if self.checkpoint.is_file() and self.checkpoint.stat().st_size == 0:
+                raise _Unreadable(self.checkpoint, f"{self.checkpoint.name} is empty")
+            if self.done.is_file():
+                self._check_ended(epochs)
+        except _Unreadable as err:
+            return err.damage
+        return None
+
+    def _check_ended(self, metric_epochs: Optional[int]) -> None:
+        """An ended cell's DONE, summary and metrics agree (metric_epochs: None when metrics.csv is missing)."""
+        if not self.done_fingerprint():
+            raise _Unreadable(self.done, f"{self.done.name} is empty")
+        if not self.summary.is_file():
+            raise _Unreadable(self.summary, f"{self.summary.name} is missing")
+        summary = _json_object(self.summary)
+        lacking = [key for key in SUMMARY_KEYS if key not in summary]
+        if lacking or not isinstance(summary["final"], dict) or not isinstance(summary["epochs"], int):
+            raise _Unreadable(self.summary, f"{self.summary.name} lacks {', '.join(lacking) or 'a valid final or epochs'}")
+        if metric_epochs is None:
+            raise _Unreadable(self.metrics, f"{self.metrics.name} is missing")
+        if metric_epochs != summary["epochs"]:
+            raise _Unreadable(self.metrics, f"{self.metrics.name} has {metric_epochs} of the {summary['epochs']} epochs "
+                                            f"that {self.summary.name} reports")
+
     def state(self, fingerprint: Optional[str] = None) -> CellState:
         """This cell's state; with `fingerprint`, results made under any other configuration are STALE."""
+        if self.damage() is not None:
+            return CellState.DAMAGED
         done = self.done_fingerprint()
         if done is not None:
             if fingerprint is not None and done != fingerprint:
@@ -181,6 +269,10 @@ class ResultsFolder:
     @property
     def superseded_dir(self) -> Path:
         return self.path / "superseded"
+
+    @property
+    def damaged_dir(self) -> Path:
+        return self.path / "damaged"
 
     @property
     def sweep_file(self) -> Path:
@@ -217,11 +309,28 @@ class ResultsFolder:
 
     def supersede(self, cell_id: str) -> Path:
         """Move a cell's folder aside (results are never deleted) and return where it went."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        target = self.superseded_dir / f"{cell_id}-{stamp}"
+        target = self.superseded_dir / f"{cell_id}-{_stamp()}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.cell(cell_id).path), target)
         return target
+
+    def set_aside(self, label: str, paths: Iterable[Path]) -> Path:
+        """Move damaged files or folders into a new damaged/<label>-<time>/ (results are never deleted); return it."""
+        stamp = _stamp()
+        target = self.damaged_dir / f"{label}-{stamp}"
+        for n in itertools.count(2):  # the same cell twice in one second (a repair, then a crash, then a repair)
+            if not target.exists():
+                break
+            target = self.damaged_dir / f"{label}-{stamp}-{n}"
+        target.mkdir(parents=True)
+        for path in paths:
+            shutil.move(str(path), target / path.name)
+        return target
+
+
+def _stamp() -> str:
+    """The time in the names of folders moved aside, in UTC."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
 
 def latest_results(root: Path = Path("results")) -> Optional[Path]:

@@ -37,10 +37,11 @@ def plan_cells(config: SweepConfig, out_dir: Path) -> list[dict[str, Any]]:
 
 
 def _plan_status(state: CellState) -> str:
-    """`status` as plan has always printed it: finished (ended), partial, stale or pending."""
+    """`status` as plan has always printed it: finished (ended), partial, stale or pending; and damaged."""
     if state.ended:
         return "finished"
-    return {CellState.FAILED: "partial", CellState.PARTIAL: "partial", CellState.STALE: "stale"}.get(state, "pending")
+    return {CellState.FAILED: "partial", CellState.PARTIAL: "partial", CellState.STALE: "stale",
+            CellState.DAMAGED: "damaged"}.get(state, "pending")
 
 
 def make_plan(config: SweepConfig, out_dir: Path, estimate: bool = False, jobs: Optional[int] = None) -> Plan:

@@ -1,7 +1,8 @@
 """The report of a sweep: per-depth results over seeds, the Figure-6 verdict, a table and the figure.
 
 It reads only what the sweep leaves on disk (sweep.yaml and cells/<id>/), so it can be run at
-any time, also while the sweep still trains: unfinished cells are listed, never averaged in.
+any time, also while the sweep still trains: unfinished cells are listed, never averaged in, and
+so are damaged ones (a file that does not read back whole), in the table and the figure alike.
 The verdict (verdict.py) asks the question of He et al. 2015, Fig. 6: does the training error rise
 with depth for plain nets, and not for ResNets? Its answer is reproduced, not reproduced or undecided.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +48,7 @@ class Report:
     verdict: dict[str, Any]
     missing: list[dict[str, Any]]
     curves: pd.DataFrame
+    notes: list[str] = field(default_factory=list)  # what the report could not read and what it did instead
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _CellRecord:
     summary: Optional[dict[str, Any]] = None
     metrics: Optional[pd.DataFrame] = None
     epochs_total: Optional[int] = None
+    damage: Optional[str] = None  # why a damaged cell's files cannot be trusted
 
     @property
     def status(self) -> str:
@@ -68,20 +71,25 @@ class _CellRecord:
 # ----------------------------------------------------------------------------- reading the folder
 
 
-def _expected_cells(results: ResultsFolder) -> tuple[Optional[str], dict[str, Cell]]:
-    """The sweep's name and cells from its sweep.yaml, or (None, {}) when there is none."""
+def _expected_cells(results: ResultsFolder) -> tuple[Optional[str], dict[str, Cell], list[str]]:
+    """The sweep's name and cells from its sweep.yaml, or (None, {}) when there is none; and a note when it is unreadable."""
     path = results.sweep_file
     if not path.is_file():
-        return None, {}
+        return None, {}, []
     try:
         config = parse_config(yaml.safe_load(path.read_text()), source=str(path))
-    except (ConfigError, yaml.YAMLError) as err:
-        raise ReportError(f"cannot read the sweep's configuration: {err}") from None
-    return config.name, {cell.id: cell for cell in config.cells}
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as err:
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        return None, {}, [f"{path} does not read back ({first_line}); reporting the cells in {results.cells_dir} "
+                          "without checking them against it"]
+    return config.name, {cell.id: cell for cell in config.cells}, []
 
 
 def _read_cell(folder: CellFolder, expected: Optional[Cell]) -> _CellRecord:
     """A cell's state as the sweep sees it (stale when trained under another configuration than sweep.yaml's)."""
+    damage = folder.damage()
+    if damage is not None:
+        return _CellRecord(folder.id, CellState.DAMAGED, damage=damage.reason)
     state = folder.state(expected.fingerprint() if expected is not None else None)
     metrics = pd.read_csv(folder.metrics) if folder.metrics.is_file() else None
     if state.ended:
@@ -168,6 +176,8 @@ def _missing(records: list[_CellRecord]) -> list[dict[str, Any]]:
             entry["epochs_total"] = rec.epochs_total
         elif rec.state is CellState.DIVERGED:
             entry["epochs_done"] = rec.summary.get("epochs")
+        elif rec.state is CellState.DAMAGED:
+            entry["reason"] = rec.damage
         out.append(entry)
     return out
 
@@ -197,11 +207,11 @@ def build_report(results_dir: Path) -> Report:
     if not results_dir.is_dir():
         raise ReportError(f"{results_dir}: no such folder; run `depthlab sweep CONFIG` first")
     results = ResultsFolder(results_dir)
-    name, expected = _expected_cells(results)
+    name, expected, notes = _expected_cells(results)
     records = _read_cells(results, expected)
     rows = _aggregate(_cell_frame(records))
     return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(_verdict_cells(records)),
-                  missing=_missing(records), curves=_curves(records))
+                  missing=_missing(records), curves=_curves(records), notes=notes)
 
 
 # ----------------------------------------------------------------------------- words and tables
@@ -289,6 +299,8 @@ def _missing_line(entry: dict[str, Any]) -> str:
         status += f" after {entry['epochs_done']} epochs (see {ResultsFolder(Path('.')).cell(entry['id']).error_log})"
     elif status == "stale":
         status += " (trained under another configuration than sweep.yaml; `depthlab sweep --force` retrains it)"
+    elif status == "damaged":
+        status += f": {entry['reason']} (`depthlab sweep` moves it aside and trains it again)"
     return f"{entry['id']}: {status}"
 
 
@@ -311,10 +323,11 @@ def _json_safe(value: Any) -> Any:
 def report_json(report: Report) -> dict[str, Any]:
     """The report as JSON-able data (json.dumps works on it with allow_nan=False)."""
     return _json_safe({"name": report.name, "rows": report.rows.to_dict(orient="records"),
-                       "verdict": report.verdict, "missing": report.missing})
+                       "verdict": report.verdict, "missing": report.missing, "notes": report.notes})
 
 
-def _markdown(report: Report) -> str:
+def report_markdown(report: Report) -> str:
+    """report.md's text: the table, the verdict, the missing cells and the figure's link."""
     header, lines = _table(report.rows)
     text = [f"# {report.name}: plain vs residual nets of growing depth (He et al. 2015, Fig. 6)", "",
             "Final-epoch errors in %, mean ± std over finished seeds. *Train err* is the running error over the "
@@ -329,17 +342,27 @@ def _markdown(report: Report) -> str:
     if report.missing:
         text += ["## Missing", "", "Not in the means above:", ""]
         text += [f"- {_missing_line(entry)}" for entry in report.missing] + [""]
+    if report.notes:
+        text += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
     figure = ResultsFolder(Path(".")).figure.name
     text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({figure})", ""]
     return "\n".join(text)
 
 
 def _y_top(curves: pd.DataFrame) -> float:
-    """The shared upper error limit: at least 20% (the paper's), more when most of the curves lie higher."""
+    """The shared upper error limit: the paper's 20%, or higher so that every plotted point shows (100% at most)."""
     values = curves[["train_err", "test_err"]].to_numpy(dtype=float).ravel()
     values = values[np.isfinite(values)]
-    top = max(20.0, float(np.quantile(values, 0.9))) if len(values) else 20.0
+    top = max(20.0, float(values.max())) if len(values) else 20.0
     return min(100.0, 5 * math.ceil(top / 5))
+
+
+def _x_unit(last_iteration: float) -> tuple[float, str]:
+    """The x axis' unit for a run of this many iterations: the paper's 1e4 for long runs, so that ticks read 0–6."""
+    for unit, label in ((1e4, "iter. (1e4)"), (1e3, "iter. (1e3)")):
+        if last_iteration >= 2 * unit:
+            return unit, label
+    return 1.0, "iterations"
 
 
 def figure6(report: Report) -> Figure:
@@ -347,12 +370,13 @@ def figure6(report: Report) -> Figure:
     curves = report.curves[report.curves.variant == ""]
     depths = sorted(curves.depth.unique())
     colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    unit, unit_label = _x_unit(float(curves.iteration.max()) if len(curves) else 0.0)
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
     for ax, arch in zip(axes, ARCHS):
         label = ARCH_LABELS[arch]
         ax.set_title("plain networks" if arch == "plain" else "residual networks (ResNet)")
-        ax.set_xlabel("iter. (1e4)")
+        ax.set_xlabel(unit_label)
         ax.grid(alpha=0.3)
         data = curves[curves.arch == arch]
         if data.empty:
@@ -360,11 +384,12 @@ def figure6(report: Report) -> Figure:
             continue
         for depth, run in sorted(data.groupby("depth"), reverse=True):
             run = run.sort_values("epoch")
-            x = run.iteration / 1e4
+            x = run.iteration / unit
             ax.plot(x, run.train_err, "--", lw=0.9, color=colours[depth])
             ax.plot(x, run.test_err, "-", lw=2.2, color=colours[depth], label=f"{label}-{depth}")
         ax.set_xlim(left=0)
-        ax.legend(loc="upper right", fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(depths), 5), fontsize=9,
+                  frameon=False)  # below the panel: it never covers a curve
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(0, _y_top(curves))
     fig.suptitle(f"{report.name}: dashed = training error (running, augmented), bold = test error", fontsize=10)
@@ -381,7 +406,7 @@ def write_report(report: Report, results_dir: Path) -> list[Path]:
     """Write report.md, report.csv and figure6.png into `results_dir`; return their paths."""
     results = ResultsFolder(Path(results_dir))
     md, csv, png = results.report_md, results.report_csv, results.figure
-    files.write_text(md, _markdown(report))
+    files.write_text(md, report_markdown(report))
     files.write_text(csv, report.rows.to_csv(index=False))
     _write_png(png, figure6(report))
     return [md, csv, png]
@@ -407,3 +432,5 @@ def print_report(report: Report, console: Console) -> None:
         console.print(f"[bold]Missing[/] ({count} cell{'s' if count > 1 else ''}, not in the means):")
         for entry in report.missing:
             console.print(f"  {escape(_missing_line(entry))}")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")

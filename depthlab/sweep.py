@@ -3,7 +3,9 @@
 The results folder's layout lives in `layout`. Re-running the same command skips finished
 cells and continues interrupted ones from their checkpoint. A finished cell whose
 configuration has since changed is never overwritten: the sweep refuses, or with `force`
-moves it to `superseded/` first. The engine draws nothing: it tells a `SweepEvents` (a
+moves it to `superseded/` first. Files that do not read back whole (a truncated metrics.csv,
+a corrupt checkpoint, an unreadable sweep.yaml) are moved to `damaged/`; their cell resumes
+from its checkpoint when that is sound and is trained again otherwise. The engine draws nothing: it tells a `SweepEvents` (a
 display chosen by the CLI, or anything else) what happens.
 """
 
@@ -24,16 +26,17 @@ from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 from multiprocessing import connection, reduction
-from typing import Any, Callable, Iterator, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Optional, Protocol
 
 import torch
 import yaml
 
 from . import __version__, files
-from .config import CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, DataSpec, RuntimeSpec, SweepConfig, check_fits_data
+from .config import (CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, ConfigError, DataSpec, RuntimeSpec,
+                     SweepConfig, check_fits_data, parse_config)
 from .data import Images, load_images
+from .layout import CellFolder, CellState, Damage, ResultsFolder
 from .options import NetSpec
-from .layout import CellState, ResultsFolder
 from .models import build_net, net_size
 from .train import CellEvents, device_name, resolve_device, train_cell
 
@@ -64,11 +67,22 @@ class SweepStart:
     device_name: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Repair:
+    """Damaged results that the sweep moved aside before training."""
+
+    item: str  # a cell id, or the sweep file's name
+    damage: str  # what was wrong, e.g. "checkpoint.pt does not load (EOFError)"
+    moved_to: Path
+    action: str  # what the sweep does next, e.g. "training it again from scratch"
+
+
 class SweepEvents(CellEvents, Protocol):
     """Everything the engine reports: a display, a log, or a remote driver implements it."""
 
     def sweep_started(self, start: SweepStart) -> None: ...
     def cell_ended(self, cell_id: str, summary: dict | None, error: str | None) -> None: ...
+    def repaired(self, repair: Repair) -> None: ...
 
 
 def default_out_dir(config: SweepConfig) -> Path:
@@ -286,6 +300,9 @@ class PipeEvents:
     def epoch_done(self, cell_id: str, row: dict) -> None:
         self.conn.send(("epoch", cell_id, row))
 
+    def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None:
+        self.conn.send(("progress", cell_id, epoch, iterations, per_epoch))
+
 
 def serve(conn: Any, run: Callable[[int], CellOutcome]) -> None:
     """A worker's loop: train the cells the parent sends until it sends None, or until this process is unfit.
@@ -408,6 +425,8 @@ def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device:
                     display.cell_started(*rest)
                 elif kind == "epoch":
                     display.epoch_done(*rest)
+                elif kind == "progress":
+                    display.epoch_progress(*rest)
                 else:
                     settle(rank, *rest)
         for handle in workers.values():
@@ -444,6 +463,7 @@ class SweepOutcome:
     skipped: list[str]
     failed: list[str]
     superseded: list[Path]
+    repaired: list[Repair] = dataclasses.field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -482,13 +502,17 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
             f"{results.superseded_dir}/ and train them again."
         )
     moved = [results.supersede(cell.id) for cell in stale]
+    repairs = [_repair_cell(results, cell.id, states[cell.id]) for cell in config.cells] + [_repair_sweep_file(results)]
+    repairs = [repair for repair in repairs if repair is not None]
+    for repair in repairs:
+        events.repaired(repair)
     n_train = len(images.train_y)
     todo = sorted((c for c in config.cells if not states[c.id].ended), key=lambda c: cell_cost(c, n_train), reverse=True)
     skipped = [c.id for c in config.cells if states[c.id].ended]
 
     files.write_text(results.sweep_file, yaml.safe_dump(config.to_document(), sort_keys=False))
     if not todo:
-        return SweepOutcome(results.path, [], skipped, [], moved)
+        return SweepOutcome(results.path, [], skipped, [], moved, repairs)
     files.write_json(results.environment, environment(device))  # the latest run; each summary names its device
 
     jobs = min(auto_jobs(device, todo, config.runtime) if config.runtime.jobs == "auto" else config.runtime.jobs, len(todo))
@@ -498,4 +522,44 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
         failed = _run_parallel(config, todo, results.path, device, jobs, events, lock_fd)
     else:
         failed = _run_inline(config, images, todo, results.path, device, events)
-    return SweepOutcome(results.path, [c.id for c in todo], skipped, failed, moved)
+    return SweepOutcome(results.path, [c.id for c in todo], skipped, failed, moved, repairs)
+
+
+def _checkpoint_damage(folder: CellFolder) -> Optional[Damage]:
+    """A checkpoint that torch cannot load: left in place it would fail its cell on every retry."""
+    if not folder.checkpoint.is_file():
+        return None
+    try:
+        torch.load(folder.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or garbled file raises anything from EOFError to RuntimeError
+        return Damage(folder.checkpoint, f"{folder.checkpoint.name} does not load ({type(err).__name__})")
+    return None
+
+
+def _repair_cell(results: ResultsFolder, cell_id: str, state: CellState) -> Optional[Repair]:
+    """Move a cell's damaged files to damaged/: only a bad metrics.csv when a sound checkpoint can resume
+    the cell (it writes the metrics again from its own), else the whole folder, to train the cell from scratch."""
+    if state not in (CellState.DAMAGED, CellState.PARTIAL, CellState.FAILED):
+        return None
+    folder = results.cell(cell_id)
+    damage, checkpoint = folder.damage(), _checkpoint_damage(folder)
+    if damage is None and checkpoint is None:
+        return None
+    resumable = checkpoint is None and folder.checkpoint.is_file() and not folder.done.is_file()
+    if damage is not None and damage.file == folder.metrics and resumable:
+        return Repair(cell_id, damage.reason, results.set_aside(cell_id, [folder.metrics]), "resuming from its checkpoint")
+    reason = (damage or checkpoint).reason
+    return Repair(cell_id, reason, results.set_aside(cell_id, list(folder.path.iterdir())), "training it again from scratch")
+
+
+def _repair_sweep_file(results: ResultsFolder) -> Optional[Repair]:
+    """An earlier run's sweep.yaml that does not read back is kept in damaged/ (the sweep writes it again from the config)."""
+    path = results.sweep_file
+    if not path.is_file():
+        return None
+    try:
+        parse_config(yaml.safe_load(path.read_text()), source=path.name)
+        return None
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as err:
+        reason = f"does not read back as a sweep ({(str(err).splitlines() or [type(err).__name__])[0]})"
+    return Repair(path.name, reason, results.set_aside(path.stem, [path]), "writing it again from the config")

@@ -41,6 +41,7 @@ COMPILE_STEPS = 2  # steps timed as compilation: the first compiles, the second 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor modes that replay the step as CUDA graphs
 DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,  # eager mode would fail the same way: never a reason to fall back
                  *([torch.AcceleratorError] if hasattr(torch, "AcceleratorError") else []))  # a CUDA fault; a plain RuntimeError in older torch
+PROGRESS_SECONDS = 2.0  # a choice, not measured: a live bar that moves, at a cost of one host clock read per step
 
 
 class CellEvents(Protocol):
@@ -48,6 +49,7 @@ class CellEvents(Protocol):
 
     def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None: ...
     def epoch_done(self, cell_id: str, row: dict) -> None: ...
+    def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None: ...
 
 
 class DeviceError(Exception):
@@ -265,6 +267,23 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
+class Throttled:
+    """Passes an iteration count on to `report` at most once per `seconds` of wall time.
+
+    It reads the host clock and a Python int, never the device, so it adds no synchronisation
+    (on a GPU the count is of steps queued, which run ahead of those finished by a few).
+    """
+
+    def __init__(self, report: Callable[[int], None], seconds: float):
+        self.report, self.seconds, self.last = report, seconds, time.monotonic()
+
+    def __call__(self, iterations: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.seconds:
+            self.last = now
+            self.report(iterations)
+
+
 @dataclass
 class TrainState:
     """The loop's progress, saved in each checkpoint: enough to continue exactly where it stopped."""
@@ -310,10 +329,12 @@ def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_ba
 
 
 def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
-                state: TrainState, device: torch.device) -> tuple[float, float, float]:
+                state: TrainState, device: torch.device,
+                progress: Callable[[int], None] | None = None) -> tuple[float, float, float]:
     """One pass over the batches (or what is left of the iteration budget): running loss, error % and the last lr.
 
-    Advances `state.iteration` and ends the warm-up in `state`. Loss and errors are summed on the
+    Advances `state.iteration` and ends the warm-up in `state`; `progress` gets the count of
+    this epoch's iterations after each step. Loss and errors are summed on the
     device and read once at the end. During a warm-up the error of each window of
     WARMUP_CHECK_EVERY batches is read to decide when it ends; a window also closes at the end of
     the epoch, so epochs shorter than a window still end the warm-up, and windows restart with each
@@ -332,6 +353,7 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
         window_errors.zero_()
         window_seen = 0
 
+    first_iteration = state.iteration
     lr = schedule.lr_at(state.iteration, state.warming_up)
     for x, y in batches:
         if state.iteration >= schedule.total:
@@ -344,6 +366,8 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
         errors += wrong
         seen += len(y)
         state.iteration += 1
+        if progress is not None:
+            progress(state.iteration - first_iteration)
         if state.warming_up:
             window_errors += wrong
             window_seen += len(y)
@@ -407,6 +431,8 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
                                      "run_length": asdict(length)})
     if events:
         events.cell_started(cell.id, length.epochs, state.epoch)
+    progress = Throttled(lambda done: events.epoch_progress(cell.id, state.epoch + 1, done, length.iterations_per_epoch),
+                         PROGRESS_SECONDS) if events else None
 
     diverged = False
     epochs_this_call = 0
@@ -418,7 +444,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         generator = epoch_generator(cell.seed, state.epoch, device)
         batches = ((training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
                    for index in epoch_batches(n_train, spec.batch_size, generator, device))
-        train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device)
+        train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device, progress)
         diverged = not math.isfinite(train_loss)
         _book_training_time(state, setup.step, time.perf_counter() - started, setup.step.compile_seconds - compiled_before)
         row = {"epoch": state.epoch + 1, "iteration": state.iteration, "lr": lr, "train_loss": train_loss, "train_err": train_err}
