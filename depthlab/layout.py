@@ -138,9 +138,12 @@ def _json_object(path: Path) -> dict[str, Any]:
 def _metric_epochs(path: Path) -> int:
     """The number of epochs in a metrics.csv whose header and rows are whole, numbered 1, 2, …"""
     try:
-        header, *rows = list(csv.reader(io.StringIO(path.read_text()))) or [[]]
+        text = path.read_text()
+        header, *rows = list(csv.reader(io.StringIO(text))) or [[]]
     except (UnicodeDecodeError, csv.Error):
         raise _Unreadable(path, f"{path.name} is not readable text") from None
+    if text and not text.endswith("\n"):  # every row the trainer writes ends with a newline: a cut inside the last value
+        raise _Unreadable(path, f"{path.name} is truncated (a row is cut short)")
     if not set(PLOTTED_COLUMNS) <= set(header):
         raise _Unreadable(path, f"{path.name} is empty or lacks its header")
     if any(len(row) != len(header) for row in rows):

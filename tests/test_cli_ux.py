@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import json
-import queue
+import multiprocessing
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +25,7 @@ from depthlab.config import parse_config
 from depthlab.data import synthetic_images
 from depthlab.display import LogDisplay, RichDisplay
 from depthlab.report import Report, build_report, figure6
-from depthlab.sweep import QueueEvents, Repair
+from depthlab.sweep import PipeEvents, Repair
 from depthlab.train import train_cell
 
 from .conftest import tiny_sweep, write_config
@@ -143,9 +143,9 @@ def test_progress_is_throttled_by_wall_time(tmp_path: Path, monkeypatch) -> None
 
 
 def test_worker_processes_forward_progress_to_the_sweep() -> None:
-    events: queue.Queue = queue.Queue()
-    QueueEvents(events).epoch_progress("plain-8-s0", 3, 120, 390)
-    assert events.get_nowait() == ("progress", "plain-8-s0", 3, 120, 390)
+    parent, child = multiprocessing.Pipe()
+    PipeEvents(child).epoch_progress("plain-8-s0", 3, 120, 390)
+    assert parent.recv() == ("progress", "plain-8-s0", 3, 120, 390)
 
 
 def test_the_live_display_moves_within_an_epoch_and_says_when_it_resumes() -> None:
