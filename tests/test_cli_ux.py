@@ -29,7 +29,7 @@ from depthlab.sweep import PipeEvents, Repair
 from depthlab.train import train_cell
 
 from .conftest import tiny_sweep, write_config
-from .test_report import cell, finish, write_sweep
+from .test_report import finish, write_sweep
 
 # ----------------------------------------------------------------------------- help and version
 
@@ -263,9 +263,9 @@ def test_the_legend_covers_no_curve() -> None:
 
 
 def test_report_prints_to_stdout_when_it_cannot_write_its_files(cli, monkeypatch, tmp_path: Path) -> None:
-    write_sweep(tmp_path, {"name": "ro", "data": {"source": "synthetic"}, "train": {"epochs": 4},
-                           "grid": {"arch": ["plain"], "depth": [20], "seed": [0]}})
-    finish(tmp_path, cell("plain", 20), 7.0)
+    cells = write_sweep(tmp_path, {"name": "ro", "data": {"source": "synthetic"}, "train": {"epochs": 4},
+                                   "grid": {"arch": ["plain"], "depth": [20], "seed": [0]}})
+    finish(tmp_path, cells["plain-20-s0"], 7.0)
 
     def read_only(path: Path, _write) -> None:  # what a read-only folder does, even to root
         raise PermissionError(errno.EACCES, "Permission denied", str(path))

@@ -220,7 +220,7 @@ def test_memory_per_job_grows_with_depth_and_batch_and_counts_the_dataset_and_th
     small, medium, large = (memory_per_job(c, RuntimeSpec()) for c in cifar)
     assert GIB < small < medium < large < 3 * GIB
     bigger_batch = parse_config({"name": "m", "train": {"batch_size": 512}, "grid": {"arch": "residual", "depth": 56}}).cells[0]
-    assert memory_per_job(bigger_batch, RuntimeSpec()) > large + 3 * 128 * saved_activation_bytes("residual", 56, "A")[0]
+    assert memory_per_job(bigger_batch, RuntimeSpec()) > large + 3 * 128 * saved_activation_bytes(NetSpec("residual", 56))[0]
 
 
 def test_auto_jobs_fits_the_largest_cell_in_free_gpu_memory_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,8 +122,9 @@ def test_the_shipped_configs_are_valid() -> None:
     configs = {p.stem: load_config(p) for p in root.glob("*.yaml")}
     assert {"cifar", "quick", "smoke"} <= set(configs)
     paper = configs["cifar"]
-    assert sorted((c.arch, c.depth) for c in paper.cells) == sorted(
+    assert sorted({(c.arch, c.depth) for c in paper.cells}) == sorted(
         [("plain", d) for d in (20, 32, 44, 56)] + [("residual", d) for d in (20, 32, 44, 56, 110)])
+    assert len({c.seed for c in paper.cells}) >= 2  # the verdict needs two seeds per net
     resnet110 = next(c for c in paper.cells if c.depth == 110)
     assert resnet110.train.warmup_lr == 0.01 and resnet110.train.iterations == 64_000
     assert yaml.safe_load((root / "smoke.yaml").read_text())["data"]["source"] == "synthetic"
