@@ -38,7 +38,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}") from None
+        raise ConfigError("--executor ray", "", f"Ray is not installed; install it with: {RAY_INSTALL}") from None
     return ray
 
 
