@@ -84,6 +84,10 @@ def sweep(
     data: Optional[str] = DataOpt,
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help=f"Cells trained at once {default_text('chosen from the device')}."),
     force: bool = typer.Option(False, "--force", help="Retrain cells whose config changed; their old results move to superseded/."),
+    executor: str = typer.Option("local", "--executor", help="local (this machine's processes) or ray (a Ray cluster; pip install 'depthlab[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --executor ray: auto or ray://HOST:PORT [default: a Ray instance on this machine]."),
+    gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", min=0.0, help="With --executor ray: the GPU share each cell asks Ray for (e.g. 0.25)."),
+    no_shared_fs: bool = typer.Option(False, "--no-shared-fs", help="With --executor ray: workers return each cell's files to this machine instead of writing them [default: detected]."),
 ) -> None:
     """Train every cell of a sweep; re-run the same command to resume after an interruption."""
     from .display import display_for
@@ -94,9 +98,10 @@ def sweep(
     with user_errors():
         cfg = _load(config, data, device, jobs)
         out_dir = out or default_out_dir(cfg)
+        remote = _executor(executor, address, gpus_per_cell, no_shared_fs)
         try:
             with display_for(console) as display:
-                outcome = run_sweep(cfg, out_dir, display, force=force)
+                outcome = run_sweep(cfg, out_dir, display, force=force, executor=remote)
         except KeyboardInterrupt:
             errors.print(f"\ninterrupted: finished cells are kept and the others continue from their last epoch when you run "
                          f"the same command again (results in {out_dir})")
@@ -113,6 +118,18 @@ def sweep(
         log = ResultsFolder(outcome.out_dir).cell("<id>").error_log
         errors.print(f"[red]{len(outcome.failed)} cell(s) failed:[/red] {', '.join(outcome.failed)} (see {log})", highlight=False)
         raise typer.Exit(1)
+
+
+def _executor(name: str, address: Optional[str], gpus_per_cell: float, no_shared_fs: bool):
+    """None for this machine's own worker processes, or the Ray executor (Ray imported only then)."""
+    if name == "local":
+        return None
+    if name != "ray":
+        raise ConfigError("--executor", "", f"{name!r} is not an executor; allowed: local, ray")
+    from .ray_executor import RayExecutor, import_ray
+
+    import_ray()
+    return RayExecutor(address=address, gpus_per_cell=gpus_per_cell, filesystem="none" if no_shared_fs else "detect")
 
 
 @app.command()

@@ -456,6 +456,22 @@ def _run_inline(config: SweepConfig, images: Images, cells: list[Cell], out_dir:
     return failed
 
 
+class Executor(Protocol):
+    """Trains the cells a sweep decided to run somewhere other than this machine's worker processes (e.g. a Ray cluster).
+
+    The sweep has already applied the resume and conflict rules; an executor only trains `cells`,
+    reports through `events`, and leaves each cell's files in `out_dir` as `run_cell` would.
+    """
+
+    def slots(self, cells: list[Cell]) -> int:
+        """How many of `cells` it trains at once (for the display)."""
+        ...
+
+    def run(self, config: SweepConfig, images: Images, cells: list[Cell], out_dir: Path, events: SweepEvents) -> list[str]:
+        """Train `cells`; the ids of those that failed. Raises StorageError when the results cannot be written."""
+        ...
+
+
 @dataclasses.dataclass
 class SweepOutcome:
     out_dir: Path
@@ -481,17 +497,21 @@ def exclusive(out_dir: Path) -> Iterator[int]:
         yield lock.fileno()  # the lock goes with the last process holding it, however it ends
 
 
-def run_sweep(config: SweepConfig, out_dir: Path, events: SweepEvents, force: bool = False) -> SweepOutcome:
-    """Train every cell of `config` that is not finished yet, several at once where that helps."""
+def run_sweep(config: SweepConfig, out_dir: Path, events: SweepEvents, force: bool = False,
+              executor: Executor | None = None) -> SweepOutcome:
+    """Train every cell of `config` that is not finished yet, several at once where that helps.
+
+    `executor` trains them elsewhere; without one, this machine's worker processes do.
+    """
     device = resolve_device(config.runtime.device)  # a wrong device or dataset stops the sweep before it writes anything
     images = load_images(config.data)  # decoded and cached once, before any worker starts
     check_fits_data(config, len(images.train_y))  # a folder dataset's size is known only now; nothing is written yet
     with storage_errors(out_dir), exclusive(out_dir) as lock_fd:
-        return _run_sweep(config, images, device, ResultsFolder(out_dir), events, force, lock_fd)
+        return _run_sweep(config, images, device, ResultsFolder(out_dir), events, force, lock_fd, executor)
 
 
 def _run_sweep(config: SweepConfig, images: Images, device: torch.device, results: ResultsFolder, events: SweepEvents,
-               force: bool, lock_fd: int) -> SweepOutcome:
+               force: bool, lock_fd: int, executor: Executor | None = None) -> SweepOutcome:
     states = {cell.id: cell_state(results.path, cell) for cell in config.cells}
     stale = [cell for cell in config.cells if states[cell.id] is CellState.STALE]
     if stale and not force:
@@ -515,10 +535,15 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
         return SweepOutcome(results.path, [], skipped, [], moved, repairs)
     files.write_json(results.environment, environment(device))  # the latest run; each summary names its device
 
-    jobs = min(auto_jobs(device, todo, config.runtime) if config.runtime.jobs == "auto" else config.runtime.jobs, len(todo))
+    if executor is not None:
+        jobs = executor.slots(todo)
+    else:
+        jobs = min(auto_jobs(device, todo, config.runtime) if config.runtime.jobs == "auto" else config.runtime.jobs, len(todo))
     events.sweep_started(SweepStart(name=config.name, out_dir=results.path, total=len(config.cells), finished=len(skipped),
                                     to_train=len(todo), jobs=jobs, device=str(device), device_name=device_name(device)))
-    if jobs > 1:
+    if executor is not None:
+        failed = executor.run(config, images, todo, results.path, events)
+    elif jobs > 1:
         failed = _run_parallel(config, todo, results.path, device, jobs, events, lock_fd)
     else:
         failed = _run_inline(config, images, todo, results.path, device, events)
