@@ -68,6 +68,9 @@ class BoxEvents:
     def epoch_done(self, cell_id: str, row: dict) -> None:
         self.box.put.remote(("epoch", cell_id, row))
 
+    def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None:
+        self.box.put.remote(("progress", cell_id, epoch, iterations, per_epoch))
+
 
 def read_cell_files(folder: Path) -> CellFiles:
     """A cell folder's files by name (hidden temporary files left out)."""
@@ -161,9 +164,11 @@ class RayExecutor:
             shipped = {} if self.filesystem == "shared" else read_cell_files(results.cell(cell.id).path)
             return task.remote(cell, images_ref, config, str(results.path.resolve()), shared_path, token, shipped, box, self.runner)
 
+        handlers = {"started": events.cell_started, "epoch": events.epoch_done, "progress": events.epoch_progress}
+
         def forward() -> None:
             for kind, *rest in ray.get(box.drain.remote()):
-                (events.cell_started if kind == "started" else events.epoch_done)(*rest)
+                handlers[kind](*rest)
 
         running = {submit(cell): index for index, cell in enumerate(cells)}
         attempts = [0] * len(cells)

@@ -31,6 +31,8 @@ class Recorder:
         self.started: list[tuple] = []
         self.epochs: list[tuple] = []
         self.ended: list[tuple] = []
+        self.progress: list[tuple] = []
+        self.repairs: list = []
 
     def sweep_started(self, start) -> None:
         self.start = start
@@ -40,6 +42,12 @@ class Recorder:
 
     def epoch_done(self, cell_id: str, row: dict) -> None:
         self.epochs.append((cell_id, row["epoch"]))
+
+    def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None:
+        self.progress.append((cell_id, epoch))
+
+    def repaired(self, repair) -> None:
+        self.repairs.append(repair)
 
     def cell_ended(self, cell_id: str, summary, error) -> None:
         self.ended.append((cell_id, error))
