@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .config import Cell, RuntimeSpec, parse_config
 from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
 from .models import build_model
+from .fastpath import resolve_channels_last, resolve_precision
 from .train import configure_device, device_name, epoch_generator, make_step, resolve_compile, resolve_device, synchronize
 
 
@@ -193,6 +194,37 @@ def run_bench(options: BenchOptions) -> dict:
             if key in result:
                 result[f"{key}_speedup"] = result[key] / result["common_way"]
     return result
+
+
+PATHS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # (precision, channels_last)
+COMPARE_ROUNDS = 2  # the paths take turns this many times; each keeps its best, so a burst of load touches all alike
+
+
+def compare_paths(options: BenchOptions) -> dict[str, Any]:
+    """Images/s of one cell's step in fp32 and bf16 autocast, NCHW and channels_last, and what `auto` picks here.
+
+    The four paths `train.precision` and `runtime.channels_last` choose between, timed on the
+    same images in turns (speedup: against fp32 NCHW, which is what depthlab ran before it chose).
+    """
+    device = resolve_device(options.device)
+    runtime = options.runtime()
+    configure_device(device, runtime.deterministic)
+    images = bench_images().to(device)
+    cells = {path: dataclasses.replace(options, precision=path[0]).cell() for path in PATHS}
+    rates = {path: 0.0 for path in PATHS}
+    for _ in range(COMPARE_ROUNDS):
+        for path, cell in cells.items():
+            layout = dataclasses.replace(runtime, channels_last=path[1])
+            rates[path] = max(rates[path], depthlab_rate(cell, steps=options.steps, warmup=options.warmup, device=device,
+                                                         runtime=layout, images=images))
+    chosen_precision = resolve_precision("auto", device)
+    chosen = (chosen_precision, resolve_channels_last("auto", device, chosen_precision == "bf16"))
+    baseline = rates[PATHS[0]]
+    return {"model": f"{options.arch}-{options.depth}", "batch_size": options.batch_size, "steps": options.steps,
+            "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "compile": resolve_compile(runtime.compile, device),
+            "paths": [{"precision": p, "memory_format": "channels_last" if cl else "nchw", "images_per_second": rates[(p, cl)],
+                       "speedup": rates[(p, cl)] / baseline, "auto": (p, cl) == chosen} for p, cl in PATHS]}
 
 
 ESTIMATE_REPEATS = 3  # a choice: the fewest timings that show a spread, to keep `plan --estimate` short

@@ -222,7 +222,7 @@ def bench(
     depth: int = typer.Option(56, help="A depth 6n+2."),
     shortcut: str = typer.Option("A", help="A or B."),
     batch_size: int = typer.Option(128, min=1, help="Images per step."),
-    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or auto (bf16 where the hardware computes it)."),
     steps: int = typer.Option(100, min=1, help="Timed steps per measurement."),
     warmup: int = typer.Option(20, min=0, help="Untimed steps first (compilation, cudnn autotuning)."),
     jobs: int = typer.Option(4, min=1, help="Cells at once for the concurrent measurement (1 skips it)."),
@@ -231,18 +231,22 @@ def bench(
     loader_workers: Optional[int] = typer.Option(None, min=0, help=f"DataLoader workers of the common-way baseline {default_text('min(4, CPU cores)')}."),
     baseline: bool = typer.Option(True, help="Measure the common-way baseline too."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON."),
+    compare: bool = typer.Option(False, "--compare", help="Instead: time fp32 and bf16, NCHW and channels_last, and show what auto picks here."),
 ) -> None:
     """Images/s: the common DataLoader way vs depthlab's single-cell path vs K cells at once."""
-    from .bench import BenchOptions, run_bench
+    from .bench import BenchOptions, compare_paths, run_bench
 
     options = BenchOptions(arch=arch, depth=depth, shortcut=shortcut, batch_size=batch_size, precision=precision, steps=steps,
                            warmup=warmup, jobs=jobs, device=device, compile=compile_mode, baseline=baseline,
                            **({} if loader_workers is None else {"loader_workers": loader_workers}))
     with user_errors():
         options.cell()
-        result = run_bench(options)
+        result = compare_paths(options) if compare else run_bench(options)
     if as_json:
         print(json.dumps(result, indent=2))
+        return
+    if compare:
+        _print_paths(result)
         return
     console.print(f"{result['model']} batch {batch_size} {precision} on {result['device_name']} ({result['device']}), torch {result['torch']}, "
                   f"compile: {result['compile']}, {steps} timed steps")
@@ -251,6 +255,15 @@ def bench(
         if key in result:
             ratio = f"  ({result[key + '_speedup']:.2f}× baseline)" if key + "_speedup" in result else ""
             console.print(f"  {label:<45} {result[key]:>10,.0f} images/s{ratio}")
+
+
+def _print_paths(result: dict) -> None:
+    console.print(f"{result['model']} batch {result['batch_size']} on {result['device_name']} ({result['device']}, "
+                  f"{result['cpu_threads']} threads), torch {result['torch']}, compile: {result['compile']}, {result['steps']} timed steps")
+    for path in result["paths"]:
+        label = f"{path['precision']} {path['memory_format']}"
+        chosen = "  ← auto" if path["auto"] else ""
+        console.print(f"  {label:<20} {path['images_per_second']:>8,.0f} images/s  ({path['speedup']:.2f}×){chosen}")
 
 
 @app.command()

@@ -4,10 +4,11 @@
         sweep.yaml          the config as run (every cell spelled out)
         environment.json    versions, device and git commit of the latest run
         .lock               held while a sweep, or any of its workers, runs in this folder
-        report.md, report.csv, figure6.png
+        report.md, report.csv, figure6.png, dynamics.png
         cells/<id>/
             config.json     what defines the cell, its fingerprint and its run length
             metrics.csv     one row per epoch (METRIC_COLUMNS)
+            dynamics.csv    one row per epoch: gradient norm per section, mean branch ratio per stage (optional)
             checkpoint.pt   while unfinished: weights, optimizer and loop state after the last epoch
             error.txt       the traceback of the last attempt that crashed
             summary.json    the final numbers (Summary)
@@ -106,6 +107,8 @@ class Summary(TypedDict, total=False):
     cudnn_benchmark: bool  # cuDNN autotuned its convolutions (GPU only)
     conv_tf32: bool  # fp32 convolutions ran in TF32 (GPU only)
     float32_matmul_precision: str  # torch.get_float32_matmul_precision(): highest = fp32, high = TF32 on a GPU
+    precision: str  # fp32 | bf16 (autocast): train.precision as it ran on this device (auto resolved)
+    memory_format: str  # nchw | channels_last: runtime.channels_last as it ran (auto resolved)
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,10 @@ class CellFolder:
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
+
+    @property
+    def dynamics(self) -> Path:
+        return self.path / "dynamics.csv"
 
     @property
     def config(self) -> Path:
@@ -300,6 +307,10 @@ class ResultsFolder:
     @property
     def figure(self) -> Path:
         return self.path / "figure6.png"
+
+    @property
+    def dynamics_figure(self) -> Path:
+        return self.path / "dynamics.png"
 
     def cell(self, cell_id: str) -> CellFolder:
         return CellFolder(self.cells_dir / cell_id)

@@ -127,7 +127,8 @@ class Block(nn.Module):
         """F(x) + λ·shortcut(x); F(x) alone in a plain block."""
         if self.shortcut is None:
             return branch
-        return branch + self.shortcut_scale * self.shortcut(x)
+        shortcut = self.shortcut(x)
+        return branch + (shortcut if self.shortcut_scale == 1.0 else self.shortcut_scale * shortcut)  # λ = 1: no extra pass
 
 
 class PostBlock(Block):

@@ -179,6 +179,33 @@ def stage_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     return stats
 
 
+def training_dynamics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> dict[str, float]:
+    """Per-section weight-gradient norms and per-stage mean branch ratios of the current weights on one batch.
+
+    Recorded once per epoch on a fixed batch, so the report can show gradients and blocks drifting
+    (toward the identity: branch ratio → 0) beside the error curves. One extra forward and backward
+    in train mode, as a training step would see it; the gradients go to no `.grad`, and BN's running
+    statistics and the mode are restored, so training continues exactly as it would without it.
+    Keys: `grad_norm/stem` … `grad_norm/classifier`, `branch_ratio/stage1` ….
+    """
+    parts = _parts(model)
+    weights = {part: [m.weight for m in module.modules() if isinstance(m, WEIGHTED)] for part, module in parts.items()}
+    flat = [w for ws in weights.values() for w in ws]
+    with _restored(model):
+        model.train()
+        with record_branch_ratios(model) as ratios:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        grads = iter(torch.autograd.grad(loss, flat))
+        stats = {f"grad_norm/{part}": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(next(grads).float())
+                                                                            for _ in ws]))
+                 for part, ws in weights.items() if ws}
+        stats.update(ratios.per_stage())
+    values = torch.stack(list(stats.values())).tolist()  # the one device sync
+    return dict(zip(stats, values))
+
+
 # ----------------------------------------------------------------------------- one batch, all probes
 
 

@@ -27,6 +27,7 @@ from . import files
 from .config import Cell, ConfigError, parse_config
 from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
+from .paper import CITATION, paper_test_error
 from .verdict import base_cell_key, decide
 
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
@@ -49,6 +50,8 @@ class Report:
     missing: list[dict[str, Any]]
     curves: pd.DataFrame
     notes: list[str] = field(default_factory=list)  # what the report could not read and what it did instead
+    ran: list[dict[str, Any]] = field(default_factory=list)  # how the ended cells ran: device, precision, layout, execution
+    dynamics: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (arch, depth, variant, epoch): mean of dynamics.csv
 
 
 @dataclass
@@ -61,6 +64,7 @@ class _CellRecord:
     metrics: Optional[pd.DataFrame] = None
     epochs_total: Optional[int] = None
     damage: Optional[str] = None  # why a damaged cell's files cannot be trusted
+    dynamics: Optional[pd.DataFrame] = None  # dynamics.csv, when the cell recorded one
 
     @property
     def status(self) -> str:
@@ -93,11 +97,20 @@ def _read_cell(folder: CellFolder, expected: Optional[Cell]) -> _CellRecord:
     state = folder.state(expected.fingerprint() if expected is not None else None)
     metrics = pd.read_csv(folder.metrics) if folder.metrics.is_file() else None
     if state.ended:
-        return _CellRecord(folder.id, state, folder.read_summary(), metrics)
+        return _CellRecord(folder.id, state, folder.read_summary(), metrics, dynamics=_read_dynamics(folder))
     total = folder.read_config().get("run_length", {}).get("epochs")
     if total is None and expected is not None:  # not started yet: a recipe in epochs still says how long it will be
         total = expected.train.epochs
     return _CellRecord(folder.id, state, metrics=metrics, epochs_total=total)
+
+
+def _read_dynamics(folder: CellFolder) -> Optional[pd.DataFrame]:
+    """dynamics.csv, or None when it is absent or does not read back (it is optional: the verdict never needs it)."""
+    try:
+        frame = pd.read_csv(folder.dynamics)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return frame if "epoch" in frame and len(frame) else None
 
 
 def _read_cells(results: ResultsFolder, expected: dict[str, Cell]) -> list[_CellRecord]:
@@ -133,8 +146,9 @@ def _cell_frame(records: list[_CellRecord]) -> pd.DataFrame:
                      "status": rec.state.value, "params": s.get("params"), "epochs": s.get("epochs"),
                      "iterations": s.get("iterations"), **{e: final.get(e) for e in ERRORS},
                      "source": s.get("data", {}).get("source"), "train_size": s.get("data", {}).get("train_size"),
-                     "batch_size": s.get("train", {}).get("batch_size")})
-    columns = KEYS + ["seed", "status", "params", "epochs", "iterations", *ERRORS, "source", "train_size", "batch_size"]
+                     "batch_size": s.get("train", {}).get("batch_size"), "paper_test_err": paper_test_error(s)})
+    columns = KEYS + ["seed", "status", "params", "epochs", "iterations", *ERRORS, "source", "train_size", "batch_size",
+                      "paper_test_err"]
     return pd.DataFrame(rows, columns=columns).astype({e: float for e in ERRORS})
 
 
@@ -142,7 +156,8 @@ def _aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     """Mean and std (ddof=1) over finished seeds per (arch, depth, variant); diverged seeds are only counted."""
     errors = [e for e in ERRORS if e != "val_err" or cells.loc[cells.status == "finished", e].notna().any()]
     flagged = cells.assign(finished=cells.status.eq("finished"), diverged=cells.status.eq("diverged"))
-    counts = flagged.groupby(KEYS).agg(n_seeds=("finished", "sum"), n_diverged=("diverged", "sum"), params=("params", "first"))
+    counts = flagged.groupby(KEYS).agg(n_seeds=("finished", "sum"), n_diverged=("diverged", "sum"), params=("params", "first"),
+                                       paper_test_err=("paper_test_err", "first"))
     stats_spec: dict[str, tuple[str, str]] = {"epochs": ("epochs", "max"), "iterations": ("iterations", "max")}
     for e in errors:
         stats_spec[e], stats_spec[f"{e}_std"] = (e, "mean"), (e, "std")
@@ -162,6 +177,47 @@ def _curves(records: list[_CellRecord]) -> pd.DataFrame:
         return pd.DataFrame(columns=CURVE_COLUMNS)
     values = CURVE_COLUMNS[len(KEYS) + 1:]
     return pd.concat(frames)[CURVE_COLUMNS].groupby(KEYS + ["epoch"])[values].mean().reset_index()
+
+
+RAN_KEYS = ("device_name", "device", "precision", "memory_format", "execution")
+
+
+def _how_it_ran(records: list[_CellRecord]) -> list[dict[str, Any]]:
+    """The ended cells grouped by how they ran, with their count and median images/s.
+
+    Summaries written before precision and layout were recorded ran in the precision their
+    recipe named and in NCHW on a CPU (channels_last on a GPU), which is what they are reported as.
+    """
+    groups: dict[tuple, list[float]] = {}
+    for rec in records:
+        if not rec.state.ended:
+            continue
+        s = rec.summary
+        device = str(s.get("device", "cpu"))
+        defaults = {"precision": s.get("train", {}).get("precision", "fp32"), "execution": "eager",
+                    "memory_format": "channels_last" if device.startswith("cuda") else "nchw", "device": device}
+        key = tuple(str(s.get(k, defaults.get(k, "?"))) for k in RAN_KEYS)
+        groups.setdefault(key, []).append(float(s.get("images_per_second") or float("nan")))
+    return [{**dict(zip(RAN_KEYS, key)), "cells": len(rates), "images_per_second": float(np.nanmedian(rates))
+             if not all(math.isnan(r) for r in rates) else None} for key, rates in sorted(groups.items())]
+
+
+def _ran_line(entry: dict[str, Any]) -> str:
+    rate = f", {entry['images_per_second']:,.0f} images/s (median)" if entry.get("images_per_second") else ""
+    precision = "bf16 autocast" if entry["precision"] == "bf16" else entry["precision"]
+    cells = f"{entry['cells']} cell{'s' if entry['cells'] > 1 else ''}"
+    return f"{cells} on {entry['device_name']} ({entry['device']}): {precision}, {entry['memory_format']}, {entry['execution']}{rate}"
+
+
+def _dynamics(records: list[_CellRecord]) -> pd.DataFrame:
+    """Per (arch, depth, variant, epoch): the mean over finished seeds of each recorded gradient norm and branch ratio."""
+    frames = [rec.dynamics.assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
+              for rec in records if rec.state is CellState.FINISHED and rec.dynamics is not None]
+    if not frames:
+        return pd.DataFrame()
+    joined = pd.concat(frames, ignore_index=True)
+    values = [c for c in joined.columns if c not in KEYS and c != "epoch"]
+    return joined.groupby(KEYS + ["epoch"])[values].mean().reset_index()
 
 
 def _missing(records: list[_CellRecord]) -> list[dict[str, Any]]:
@@ -211,7 +267,7 @@ def build_report(results_dir: Path) -> Report:
     records = _read_cells(results, expected)
     rows = _aggregate(_cell_frame(records))
     return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(_verdict_cells(records)),
-                  missing=_missing(records), curves=_curves(records), notes=notes)
+                  missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records), dynamics=_dynamics(records))
 
 
 # ----------------------------------------------------------------------------- words and tables
@@ -248,8 +304,17 @@ def _arch_cells(row: pd.Series) -> list[str]:
     diverged = f", {row.n_diverged} diverged" if row.n_diverged else ""
     if row.n_seeds == 0:
         return [f"diverged ({row.n_diverged})", "–", "–"]
+    paper = f" (paper {row.paper_test_err:.2f})" if pd.notna(row.get("paper_test_err")) else ""
     return [f"{_mean_std(row, 'train_err')} (n={row.n_seeds}{diverged})",
-            _mean_std(row, "clean_train_err"), _mean_std(row, "test_err")]
+            _mean_std(row, "clean_train_err"), _mean_std(row, "test_err") + paper]
+
+
+def _paper_note(rows: pd.DataFrame) -> Optional[str]:
+    """Where the '(paper …)' numbers come from, when the table shows any."""
+    if "paper_test_err" not in rows or not rows.paper_test_err.notna().any():
+        return None
+    return (f"(paper …): test error of {CITATION}, shown where a cell's recipe is the paper's; "
+            "the paper gives plain nets only as the curves of its Fig. 6, so they have no number here.")
 
 
 def verdict_headline(verdict: dict[str, Any]) -> str:
@@ -323,7 +388,7 @@ def _json_safe(value: Any) -> Any:
 def report_json(report: Report) -> dict[str, Any]:
     """The report as JSON-able data (json.dumps works on it with allow_nan=False)."""
     return _json_safe({"name": report.name, "rows": report.rows.to_dict(orient="records"),
-                       "verdict": report.verdict, "missing": report.missing, "notes": report.notes})
+                       "verdict": report.verdict, "missing": report.missing, "notes": report.notes, "ran": report.ran})
 
 
 def report_markdown(report: Report) -> str:
@@ -335,6 +400,8 @@ def report_markdown(report: Report) -> str:
             "the whole training set, and what the verdict decides on.", "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(line) + " |" for line in lines]
+    if (paper := _paper_note(report.rows)) is not None:
+        text += ["", paper]
     verdict = report.verdict
     text += ["", "## Verdict", "", f"**{verdict_headline(verdict)}**", ""]
     text += [f"- {line}" for line in _verdict_lines(verdict)]
@@ -344,8 +411,13 @@ def report_markdown(report: Report) -> str:
         text += [f"- {_missing_line(entry)}" for entry in report.missing] + [""]
     if report.notes:
         text += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
+    if report.ran:
+        text += ["## How it ran", ""] + [f"- {_ran_line(entry)}" for entry in report.ran] + [""]
     figure = ResultsFolder(Path(".")).figure.name
     text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({figure})", ""]
+    if _has_dynamics(report):
+        name = ResultsFolder(Path(".")).dynamics_figure.name
+        text += [f"![Gradients reaching stage 1 and branch sizes per epoch]({name})", ""]
     return "\n".join(text)
 
 
@@ -396,6 +468,43 @@ def figure6(report: Report) -> Figure:
     return fig
 
 
+def _has_dynamics(report: Report) -> bool:
+    data = report.dynamics
+    return not data.empty and {"grad_norm/stage1", "grad_norm/classifier"} <= set(data.columns) and (data.variant == "").any()
+
+
+def dynamics_figure(report: Report) -> Optional[Figure]:
+    """Beside Figure 6, per epoch and depth: how much gradient reaches the first stage (relative to the
+    classifier's), and the blocks' branch size RMS(F(x))/RMS(x) averaged over stages (→ 0: near the identity).
+    None when no cell recorded them."""
+    if not _has_dynamics(report):
+        return None
+    data = report.dynamics[report.dynamics.variant == ""]
+    ratios = [c for c in data.columns if c.startswith("branch_ratio/")]
+    depths = sorted(data.depth.unique())
+    colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True, sharey="row")
+    for column, arch in enumerate(ARCHS):
+        top, bottom = axes[0][column], axes[1][column]
+        top.set_title("plain networks" if arch == "plain" else "residual networks (ResNet)")
+        for depth, run in sorted(data[data.arch == arch].groupby("depth")):
+            run = run.sort_values("epoch")
+            label = f"{ARCH_LABELS[arch]}-{depth}"
+            top.plot(run.epoch, run["grad_norm/stage1"] / run["grad_norm/classifier"], color=colours[depth], label=label)
+            if ratios:
+                bottom.plot(run.epoch, run[ratios].mean(axis=1), color=colours[depth], label=label)
+        top.set_yscale("log")
+        bottom.set_xlabel("epoch")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(depths), 5), fontsize=9, frameon=False)
+    axes[0][0].set_ylabel("‖∂L/∂W‖ stage 1 / classifier")
+    axes[1][0].set_ylabel("branch RMS(F(x)) / RMS(x), mean over stages")
+    fig.suptitle(f"{report.name}: gradients and blocks during training (one fixed batch per epoch, mean over seeds)", fontsize=10)
+    return fig
+
+
 def _write_png(path: Path, fig: Figure) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=150)
@@ -403,13 +512,18 @@ def _write_png(path: Path, fig: Figure) -> None:
 
 
 def write_report(report: Report, results_dir: Path) -> list[Path]:
-    """Write report.md, report.csv and figure6.png into `results_dir`; return their paths."""
+    """Write report.md, report.csv, figure6.png (and dynamics.png when cells recorded it) into `results_dir`; return their paths."""
     results = ResultsFolder(Path(results_dir))
     md, csv, png = results.report_md, results.report_csv, results.figure
     files.write_text(md, report_markdown(report))
     files.write_text(csv, report.rows.to_csv(index=False))
     _write_png(png, figure6(report))
-    return [md, csv, png]
+    written = [md, csv, png]
+    dynamics = dynamics_figure(report)
+    if dynamics is not None:
+        _write_png(results.dynamics_figure, dynamics)
+        written.append(results.dynamics_figure)
+    return written
 
 
 def print_report(report: Report, console: Console) -> None:
@@ -421,6 +535,8 @@ def print_report(report: Report, console: Console) -> None:
     for line in lines:
         table.add_row(*line)
     console.print(table)
+    if (paper := _paper_note(report.rows)) is not None:
+        console.print(f"[dim]{escape(paper)}[/]")
     verdict = report.verdict
     style = {True: "bold green", False: "bold red", None: "bold yellow"}[verdict["reproduced"]]
     console.print(f"[{style}]{escape(verdict_headline(verdict))}[/]")
@@ -434,3 +550,5 @@ def print_report(report: Report, console: Console) -> None:
             console.print(f"  {escape(_missing_line(entry))}")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
+    for entry in report.ran:
+        console.print(f"[dim]ran: {escape(_ran_line(entry))}[/]")

@@ -35,6 +35,7 @@ from . import __version__, files
 from .config import (CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, ConfigError, DataSpec, RuntimeSpec,
                      SweepConfig, check_fits_data, parse_config)
 from .data import Images, load_images
+from .fastpath import prepare_layouts
 from .layout import CellFolder, CellState, Damage, ResultsFolder
 from .options import NetSpec
 from .models import build_net, net_size
@@ -534,6 +535,7 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
     if not todo:
         return SweepOutcome(results.path, [], skipped, [], moved, repairs)
     files.write_json(results.environment, environment(device))  # the latest run; each summary names its device
+    prepare_layouts(config.runtime.channels_last, device, {cell.train.precision for cell in todo})
 
     if executor is not None:
         jobs = executor.slots(todo)

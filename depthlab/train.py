@@ -29,8 +29,10 @@ from torch import nn
 from . import files
 from .config import Cell, RunLength, RuntimeSpec, TrainSpec
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
+from .fastpath import resolve_channels_last, resolve_precision
 from .layout import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_net, net_size
+from .probe import training_dynamics
 
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
 # The paper's ResNet-110 warm-up lasted "about 400 iterations". A net that never reaches the threshold
@@ -41,6 +43,7 @@ COMPILE_STEPS = 2  # steps timed as compilation: the first compiles, the second 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor modes that replay the step as CUDA graphs
 DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,  # eager mode would fail the same way: never a reason to fall back
                  *([torch.AcceleratorError] if hasattr(torch, "AcceleratorError") else []))  # a CUDA fault; a plain RuntimeError in older torch
+DYNAMICS_BATCH = 128  # a choice: images of the fixed batch on which gradients and branch ratios are recorded each epoch
 PROGRESS_SECONDS = 2.0  # a choice, not measured: a live bar that moves, at a cost of one host clock read per step
 
 
@@ -239,22 +242,17 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     return mode
 
 
-def resolve_memory_format(runtime: RuntimeSpec, device: torch.device) -> torch.memory_format:
-    """channels_last feeds the GPU's tensor cores without transposes; the CPU prefers NCHW."""
-    channels_last = runtime.channels_last if runtime.channels_last != "auto" else device.type == "cuda"
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Normalizer, batch_size: int, bf16: bool) -> tuple[float, float]:
-    """Mean loss and error (%) in eval mode without augmentation, in large batches."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Normalizer, batch_size: int, bf16: bool,
+             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
+    """Mean loss and error (%) in eval mode without augmentation, in large batches, on the training step's fast path."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=x.device)
     errors = torch.zeros((), device=x.device, dtype=torch.long)
     for part in eval_batches(len(y), batch_size):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(normalize(x[part]))
+            logits = model(normalize(x[part]).contiguous(memory_format=memory_format))
         loss_sum += F.cross_entropy(logits.float(), y[part], reduction="sum")
         errors += (logits.argmax(1) != y[part]).sum()
     model.train(was_training)
@@ -291,6 +289,7 @@ class TrainState:
     epoch: int = 0
     iteration: int = 0
     rows: list[dict] = field(default_factory=list)  # metrics.csv so far
+    dynamics: list[dict] = field(default_factory=list)  # dynamics.csv so far
     warming_up: bool = False
     train_seconds: float = 0.0  # the training loop, less compilation and evaluation
     compile_seconds: float = 0.0  # the compiled steps timed as compilation, in every process that trained the cell
@@ -300,12 +299,22 @@ class TrainState:
 
 @dataclass
 class TrainingSetup:
-    """What one cell trains with: the model, its optimizer, the step, and the input layout."""
+    """What one cell trains with: the model, its optimizer, the step, its precision and the input layout."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     step: TrainStep
     memory_format: torch.memory_format
+    precision: str  # fp32 | bf16: train.precision resolved on this device
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    @property
+    def layout(self) -> str:
+        """The memory format's name, for the summary."""
+        return "channels_last" if self.memory_format == torch.channels_last else "nchw"
 
 
 def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
@@ -321,11 +330,13 @@ def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_ba
         torch._dynamo.reset()
     torch.manual_seed(cell.seed)
     model = build_net(cell.net_spec()).to(device)
-    memory_format = resolve_memory_format(runtime, device)
+    precision = resolve_precision(cell.train.precision, device)
+    channels_last = resolve_channels_last(runtime.channels_last, device, precision == "bf16")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, cell.train, device)
-    step = TrainStep(model, optimizer, cell.train.precision == "bf16", compile_mode, compile_backend)
-    return TrainingSetup(model, optimizer, step, memory_format)
+    step = TrainStep(model, optimizer, precision == "bf16", compile_mode, compile_backend)
+    return TrainingSetup(model, optimizer, step, memory_format, precision)
 
 
 def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
@@ -392,7 +403,9 @@ def _resume(folder: CellFolder, cell: Cell, setup: TrainingSetup, device: torch.
 
 
 def _save_epoch(folder: CellFolder, cell: Cell, setup: TrainingSetup, state: TrainState) -> None:
-    """metrics.csv and the checkpoint after an epoch, each written atomically."""
+    """dynamics.csv, metrics.csv and the checkpoint after an epoch, each written atomically."""
+    if state.dynamics:
+        files.write_text(folder.dynamics, pd.DataFrame(state.dynamics).to_csv(index=False))
     files.write_text(folder.metrics, pd.DataFrame(state.rows, columns=list(METRIC_COLUMNS)).to_csv(index=False))
     files.save_torch(folder.checkpoint, {"fingerprint": cell.fingerprint(), "model": setup.model.state_dict(),
                                          "optimizer": setup.optimizer.state_dict(), "state": asdict(state)})
@@ -420,10 +433,11 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     schedule = Schedule.for_cell(spec, length)
     setup = make_step(cell, device, runtime, compile_backend)
     normalize = Normalizer(images.train_x, cell.data.normalize)
-    bf16 = spec.precision == "bf16"
+    fixed = slice(0, min(DYNAMICS_BATCH, n_train))  # the same images every epoch, unaugmented
+    dynamics_batch = normalize(images.train_x[fixed]).contiguous(memory_format=setup.memory_format), images.train_y[fixed]
 
     def evaluate_on(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        return evaluate(setup.model, x, y, normalize, runtime.eval_batch_size, bf16)
+        return evaluate(setup.model, x, y, normalize, runtime.eval_batch_size, setup.bf16, setup.memory_format)
 
     state = _resume(folder, cell, setup, device)
     guard()
@@ -448,6 +462,8 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         diverged = not math.isfinite(train_loss)
         _book_training_time(state, setup.step, time.perf_counter() - started, setup.step.compile_seconds - compiled_before)
         row = {"epoch": state.epoch + 1, "iteration": state.iteration, "lr": lr, "train_loss": train_loss, "train_err": train_err}
+        if not diverged:
+            state.dynamics.append({"epoch": state.epoch + 1, **training_dynamics(setup.model, *dynamics_batch, setup.bf16)})
         row["test_loss"], row["test_err"] = evaluate_on(images.test_x, images.test_y)
         if images.val_y is not None:
             row["val_loss"], row["val_err"] = evaluate_on(images.val_x, images.val_y)
@@ -460,7 +476,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         if events:
             events.epoch_done(cell.id, row)
 
-    summary = _summary(cell, state, diverged, device, runtime, setup.step)
+    summary = _summary(cell, state, diverged, device, runtime, setup)
     if not diverged:
         clean_loss, clean_err = evaluate_on(images.train_x, images.train_y)
         summary["final"].update(clean_train_loss=clean_loss, clean_train_err=clean_err)
@@ -482,13 +498,14 @@ def _book_training_time(state: TrainState, step: TrainStep, elapsed: float, comp
 
 
 def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device, runtime: RuntimeSpec,
-             step: TrainStep) -> Summary:
+             setup: TrainingSetup) -> Summary:
     """summary.json of an ended cell (the clean training error is added by the caller when there is one).
 
     `images_per_second` counts every step, though the few timed as compilation are not in `train_seconds`.
     """
     params, macs = net_size(cell.net_spec())
     last = state.rows[-1]
+    step = setup.step
     execution = "eager-fallback" if state.fallback_reason else step.execution
     return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
                    params=params, macs=macs, epochs=state.epoch, iterations=state.iteration,
@@ -499,4 +516,5 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
                    final={k: v for k, v in last.items() if k not in ("epoch", "iteration", "lr", "seconds")},
                    compile_requested=runtime.compile, compile_mode=step.compile_mode, compile_backend=step.backend_name,
                    execution=execution, fallback_reason=state.fallback_reason, compile_seconds=state.compile_seconds,
+                   precision=setup.precision, memory_format=setup.layout,
                    **kernel_settings(device))
