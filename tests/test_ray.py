@@ -118,11 +118,12 @@ except ImportError:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(tmp_path_factory: pytest.TempPathFactory):
     """One Ray instance for the module (starting one takes seconds); the tests that use it skip without Ray."""
     if ray is None:
         pytest.skip("Ray is not installed (pip install 'depthlab[ray]'): the Ray executor's tests skip")
-    ray.init(num_cpus=2, include_dashboard=False)
+    cache = tmp_path_factory.mktemp("ray-cache")  # Ray's workers keep the environment of ray.init: never the user's cache
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"DEPTHLAB_CACHE": str(cache)}})
     yield
     ray.shutdown()
 

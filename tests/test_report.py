@@ -310,9 +310,9 @@ def complete(full) -> Path:
 def test_report_json_is_json_with_the_documented_keys(full):
     data = report_json(build_report(full))
     text = json.dumps(data, allow_nan=False)
-    assert set(data) == {"name", "rows", "verdict", "missing", "notes"}
+    assert set(data) == {"name", "rows", "verdict", "missing", "notes", "ran"}
     assert {"arch", "depth", "variant", "n_seeds", "train_err", "train_err_std", "clean_train_err",
-            "clean_train_err_std", "test_err", "test_err_std", "epochs"} <= set(data["rows"][0])
+            "clean_train_err_std", "test_err", "test_err_std", "epochs", "paper_test_err"} <= set(data["rows"][0])
     assert {"plain_degrades", "residual_degrades", "reproduced", "details", "rule"} <= set(data["verdict"])
     assert {"outcome", "reason", "cross", "measure", "seeds_required", "margin", "notes"} <= set(data["verdict"])
     assert data["verdict"]["outcome"] == "undecided" and data["verdict"]["reproduced"] is None
