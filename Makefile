@@ -7,7 +7,7 @@ CONFIG ?= configs/cifar.yaml
 DATA ?=
 DATA_FLAG := $(if $(DATA),--data $(DATA))
 
-.PHONY: install sweep quick cpu smoke ablation probe report plan bench test
+.PHONY: install sweep quick cpu cpu-check smoke ablation probe report plan bench test
 
 install: $(BIN)/depthlab
 
@@ -23,8 +23,14 @@ sweep: install                 ## the main job: make sweep [CONFIG=configs/cifar
 quick: install                 ## the same comparison on a short schedule
 	$(BIN)/depthlab sweep configs/quick.yaml $(DATA_FLAG)
 
-cpu: install                   ## the comparison sized for a CPU (about half an hour on 2 cores)
+cpu: install                   ## the comparison sized for a CPU (under 10 minutes on 2 cores with bf16)
 	$(BIN)/depthlab sweep configs/cpu.yaml $(DATA_FLAG)
+
+cpu-check: install             ## cpu.yaml's verdict again on seeds 2-3, and in fp32 (the bf16 fidelity check; ~30 min)
+	$(BIN)/depthlab sweep configs/cpu-other-seeds.yaml $(DATA_FLAG)
+	$(BIN)/depthlab sweep configs/cpu-fp32.yaml $(DATA_FLAG)
+	$(BIN)/depthlab report results/cpu-other-seeds
+	$(BIN)/depthlab report results/cpu-fp32
 
 ablation: install              ## which cause? shortcut scale, init, BatchNorm, block order (ABLATION=configs/ablation-cpu.yaml on a CPU)
 	$(BIN)/depthlab sweep $(or $(ABLATION),configs/ablation.yaml) $(DATA_FLAG)
