@@ -26,7 +26,7 @@ quick: install                 ## the same comparison on a short schedule
 cpu: install                   ## the comparison sized for a CPU (under 10 minutes on 2 cores with bf16)
 	$(BIN)/depthlab sweep configs/cpu.yaml $(DATA_FLAG)
 
-cpu-check: install             ## cpu.yaml's verdict again on seeds 3-5, and in fp32 (the bf16 fidelity check; ~30 min)
+cpu-check: install             ## cpu.yaml's verdict again on seeds 3-5, and in fp32 (the bf16 fidelity check; ~25 min)
 	$(BIN)/depthlab sweep configs/cpu-other-seeds.yaml $(DATA_FLAG)
 	$(BIN)/depthlab sweep configs/cpu-fp32.yaml $(DATA_FLAG)
 	$(BIN)/depthlab report results/cpu-other-seeds

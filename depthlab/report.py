@@ -185,18 +185,16 @@ RAN_KEYS = ("device_name", "device", "precision", "memory_format", "execution")
 def _how_it_ran(records: list[_CellRecord]) -> list[dict[str, Any]]:
     """The ended cells grouped by how they ran, with their count and median images/s.
 
-    Summaries written before precision and layout were recorded ran in the precision their
-    recipe named and in NCHW on a CPU (channels_last on a GPU), which is what they are reported as.
+    Summaries written before these were recorded ran in the precision their recipe named (it had
+    no `auto` then); their layout and execution are reported as `unrecorded`.
     """
     groups: dict[tuple, list[float]] = {}
     for rec in records:
         if not rec.state.ended:
             continue
         s = rec.summary
-        device = str(s.get("device", "cpu"))
-        defaults = {"precision": s.get("train", {}).get("precision", "fp32"), "execution": "eager",
-                    "memory_format": "channels_last" if device.startswith("cuda") else "nchw", "device": device}
-        key = tuple(str(s.get(k, defaults.get(k, "?"))) for k in RAN_KEYS)
+        defaults = {"precision": s.get("train", {}).get("precision", "fp32")}
+        key = tuple(str(s.get(k, defaults.get(k, "unrecorded"))) for k in RAN_KEYS)
         groups.setdefault(key, []).append(float(s.get("images_per_second") or float("nan")))
     return [{**dict(zip(RAN_KEYS, key)), "cells": len(rates), "images_per_second": float(np.nanmedian(rates))
              if not all(math.isnan(r) for r in rates) else None} for key, rates in sorted(groups.items())]

@@ -135,13 +135,13 @@ def test_a_sweep_measures_the_layout_before_its_workers_start_and_they_all_use_i
     assert "## How it ran" in report_markdown(report)
 
 
-def test_summaries_from_before_the_fast_path_are_reported_as_what_they_ran(tmp_path: Path) -> None:
+def test_summaries_from_before_the_fast_path_say_what_is_known_and_what_was_not_recorded(tmp_path: Path) -> None:
     from .test_report import finish, write_sweep
 
     [cell] = write_sweep(tmp_path, {"name": "old", "grid": {"arch": ["plain"], "depth": [20], "seed": [0]}}).values()
     finish(tmp_path, cell, 7.0)  # a summary without precision, memory_format or execution
     [ran] = report_json(build_report(tmp_path))["ran"]
-    assert (ran["precision"], ran["memory_format"], ran["execution"]) == ("fp32", "nchw", "eager")
+    assert (ran["precision"], ran["memory_format"], ran["execution"]) == ("fp32", "unrecorded", "unrecorded")
 
 
 # ----------------------------------------------------------------------------- bench
