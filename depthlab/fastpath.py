@@ -1,9 +1,9 @@
 """The fastest correct path per device: bf16 autocast where the hardware computes bf16, and the
 memory layout that measures faster here.
 
-Evidence (a 2-core AMD EPYC with AVX512-BF16, ResNet-56, batch 128, one training step): fp32 NCHW
-300 img/s, fp32 channels_last 390, bf16 autocast NCHW 545, bf16 autocast channels_last 620
-(`depthlab bench --compare` re-measures it; docs/performance.md). So neither choice is assumed:
+Evidence (`depthlab bench --compare`, a 2-core AMD EPYC with AVX512-BF16, torch 2.14.1, ResNet-56,
+batch 128, depthlab's whole step): fp32 NCHW 169 img/s, fp32 channels_last 217, bf16 autocast NCHW
+298, bf16 autocast channels_last 335 (docs/performance.md). So neither choice is assumed:
 precision follows the hardware's bf16 support, and on a CPU the layout follows a short timing
 that is kept in the cache folder, so every cell (and every resume) on this machine uses the same one.
 """
@@ -113,8 +113,9 @@ def channels_last_speedup(bf16: bool) -> float:
     path = default_cache_dir() / LAYOUT_CACHE
     try:
         stored = json.loads(path.read_text())
-        assert isinstance(stored, dict)
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict):
         stored = {}
     key = _machine_key(bf16)
     entry = stored.get(key)
