@@ -20,18 +20,19 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 
 from . import models
 from .options import ARCHS, NetSpec
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from .config import DataSpec
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -164,6 +165,16 @@ def record_branch_ratios(model: nn.Module) -> Iterator[BranchRatios]:
         yield ratios
 
 
+def _section_grad_norms(model: nn.Module, grad_of: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-section norm of the conv/linear weight gradients, `grad_of(weight)` each (None: left out), as 0-d tensors."""
+    stats = {}
+    for part, module in _parts(model).items():
+        grads = [g for m in module.modules() if isinstance(m, WEIGHTED) and (g := grad_of(m.weight)) is not None]
+        if grads:
+            stats[f"grad_norm/{part}"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return stats
+
+
 def stage_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per-section norm of the conv/linear weight gradients already in `.grad` (after a backward).
 
@@ -171,12 +182,7 @@ def stage_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     epoch costs one device sync when the caller converts them with float(). Keys: `grad_norm/stem`,
     `grad_norm/stage1` …, `grad_norm/classifier`; a section without gradients is left out.
     """
-    stats = {}
-    for part, module in _parts(model).items():
-        grads = [m.weight.grad for m in module.modules() if isinstance(m, WEIGHTED) and m.weight.grad is not None]
-        if grads:
-            stats[f"grad_norm/{part}"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return stats
+    return _section_grad_norms(model, lambda weight: weight.grad)
 
 
 def training_dynamics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> dict[str, float]:
@@ -188,20 +194,15 @@ def training_dynamics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: 
     statistics and the mode are restored, so training continues exactly as it would without it.
     Keys: `grad_norm/stem` … `grad_norm/classifier`, `branch_ratio/stage1` ….
     """
-    parts = _parts(model)
-    weights = {part: [m.weight for m in module.modules() if isinstance(m, WEIGHTED)] for part, module in parts.items()}
-    flat = [w for ws in weights.values() for w in ws]
+    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
     with _restored(model):
         model.train()
         with record_branch_ratios(model) as ratios:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
-        grads = iter(torch.autograd.grad(loss, flat))
-        stats = {f"grad_norm/{part}": torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(next(grads).float())
-                                                                            for _ in ws]))
-                 for part, ws in weights.items() if ws}
-        stats.update(ratios.per_stage())
+        grads = dict(zip(weights, torch.autograd.grad(loss, weights)))
+        stats = {**_section_grad_norms(model, grads.get), **ratios.per_stage()}
     values = torch.stack(list(stats.values())).tolist()  # the one device sync
     return dict(zip(stats, values))
 
@@ -452,6 +453,8 @@ ARCH_STYLE = {"plain": ("plain", "tab:red"), "residual": ("ResNet", "tab:blue")}
 
 def probe_figure(frame: pd.DataFrame) -> Figure:
     """Plain vs ResNet against depth, one panel per measure (a `probe_depths` frame)."""
+    from matplotlib.figure import Figure  # here, not at import: training imports this module for training_dynamics
+
     fig = Figure(figsize=(14, 3.6), layout="constrained")
     for ax, (column, title, log) in zip(fig.subplots(1, len(PANELS)), PANELS):
         for arch, rows in frame.sort_values("depth").groupby("arch", sort=False):
