@@ -99,10 +99,36 @@ def synthetic_images(train_size: int = 1000, test_size: int = 500, seed: int = 0
 # ----------------------------------------------------------------------------- layouts on disk
 
 
+# Every global a CIFAR-10 batch names: numpy's array and scalar constructors (numpy.core under numpy 1, which wrote the
+# published batches; numpy._core under numpy 2) and _codecs.encode, which Python 3 names for bytes at protocols 0-2.
+# Unpickling calls whatever a file names — os.system as readily as these — so everything else is refused.
+CIFAR_PICKLE_GLOBALS = frozenset(
+    {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    | {(f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")}
+    | {(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")}
+)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that a CIFAR-10 batch never needs."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, str, bytes, numbers and numpy arrays, and nothing that could run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(file: Path) -> object:
     try:
         with open(file, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _BatchUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise DataError(f"{file}: not loaded: the pickle names the global {err}, which could run code (it was not called); a "
+                        "CIFAR-10 batch holds only dicts, lists, str, bytes, ints and numpy arrays: re-download it from its source") from None
     except Exception as err:  # unpickling a damaged file can raise almost any exception (pickle's docs say so)
         raise DataError(f"{file}: not a readable pickle ({type(err).__name__}: {err}); re-download or re-create it") from None
 

@@ -1,0 +1,112 @@
+"""The last edges: a dataset that tries to run code, an empty class folder, a probe folder that cannot be written,
+integers written as floats, a report without curves to label, and worker processes that end during a sweep."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import depthlab.sweep as sweep_module
+from depthlab.config import ConfigError, DataSpec, load_config, parse_config
+from depthlab.data import CIFAR10_CLASSES, DataError, load_images, read_dataset
+from depthlab.layout import ResultsFolder
+from depthlab.report import build_report, write_report
+from depthlab.sweep import CellOutcome, exclusive, serve
+
+from .conftest import tiny_sweep, write_config
+from .test_data import fake_arrays, write_image_folder, write_python_release
+from .test_report import finish, write_sweep
+
+# ----------------------------------------------------------------------------- a python-release batch that runs code
+
+
+class RunsCommand:
+    """Unpickles by calling `function(*args)`: what a hostile data_batch_1 does."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def hostile_payloads(marker: Path) -> dict[str, tuple[object, str]]:
+    """Each payload that would create `marker`, and the global its pickle names."""
+    shell = f"touch {marker}"
+    return {
+        "os.system": (RunsCommand(os.system, shell), f"{os.system.__module__}.system"),
+        "subprocess.call": (RunsCommand(subprocess.call, ["touch", str(marker)]), "subprocess.call"),
+        "builtins.exec": (RunsCommand(exec, f"open({str(marker)!r}, 'w').close()"), "builtins.exec"),
+        "pathlib.Path.touch": (RunsCommand(Path.touch, marker), "pathlib.Path.touch"),
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "subprocess.call", "builtins.exec", "pathlib.Path.touch"])
+@pytest.mark.parametrize("where", ["the whole batch", "inside the labels"])
+def test_a_batch_whose_pickle_would_run_code_is_refused_before_anything_runs(tmp_path: Path, payload: str, where: str) -> None:
+    write_python_release(tmp_path)
+    marker = tmp_path / "ran"
+    hostile, named = hostile_payloads(marker)[payload]
+    x, _ = fake_arrays(4, 0)
+    batch = hostile if where == "the whole batch" else {"data": x.reshape(4, -1), "labels": [0, 1, hostile, 3]}
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    bad.write_bytes(pickle.dumps(batch))
+
+    with pytest.raises(DataError) as err:
+        read_dataset(tmp_path, tmp_path / "cache")
+
+    assert not marker.exists(), "the pickle's command ran"
+    message = str(err.value)
+    assert message.startswith(f"{bad}: ") and f"the global {named}," in message and "\n" not in message
+
+
+def test_the_sweep_command_refuses_a_hostile_batch_in_one_line_and_writes_nothing(cli, tmp_path: Path) -> None:
+    write_python_release(tmp_path / "data", per_batch=20)
+    marker = tmp_path / "ran"
+    hostile, named = hostile_payloads(marker)["os.system"]
+    (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").write_bytes(pickle.dumps(hostile))
+    config = write_config(tmp_path / "sweep.yaml", tiny_sweep(data={"source": "cifar10", "train_size": 64}))
+
+    result = cli("sweep", config, "--data", tmp_path / "data", "--out", tmp_path / "out")
+
+    assert result.exit_code != 0 and not marker.exists()
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and named in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def numpy1_pickle(value: object) -> bytes:
+    """`value` pickled as numpy 1.x wrote it (the published batches): its array globals live in numpy.core."""
+    return pickle.dumps(value, protocol=2).replace(b"numpy._core.", b"numpy.core.")
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5, "numpy 1.x"])
+def test_a_batch_as_numpy_and_python_write_it_still_loads(tmp_path: Path, protocol) -> None:
+    """Every pickle protocol, numpy arrays or lists of numpy or Python ints as labels, and the release's other keys."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    dump = numpy1_pickle if protocol == "numpy 1.x" else lambda value: pickle.dumps(value, protocol=protocol)
+    label_forms = [np.asarray, list, lambda y: [int(v) for v in y]]  # an array, numpy scalars, Python ints
+    written = []
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        x, y = fake_arrays(10, i)
+        written.append((x, y))
+        batch = {"batch_label": f"batch {i}", "labels": label_forms[i % 3](y), "data": x.reshape(10, -1),
+                 "filenames": [f"{k}.png".encode() for k in range(10)]}
+        (folder / name).write_bytes(dump(batch))
+
+    images = read_dataset(tmp_path, tmp_path / "cache")
+
+    assert np.array_equal(images.train_x.numpy(), np.concatenate([x for x, _ in written[:5]]))
+    assert np.array_equal(images.train_y.numpy(), np.concatenate([y for _, y in written[:5]]))
+    assert np.array_equal(images.test_x.numpy(), written[5][0]) and images.classes == CIFAR10_CLASSES
