@@ -359,13 +359,21 @@ def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tu
     return x[keep], y[keep]
 
 
-def _check_cifar10_classes(path: Path, classes: tuple[str, ...]) -> None:
-    """With data.source cifar10 the labels mean CIFAR-10's classes; ten folders of anything else are another data set."""
+def _check_cifar10_classes(path: Path, images: Images) -> None:
+    """With data.source cifar10 the labels mean CIFAR-10's classes; ten folders of anything else are another data set,
+    and an empty class folder would train and test on nine classes without a word."""
+    classes = images.classes
     if set(classes) != set(CIFAR10_CLASSES):
         raise DataError(
             f"{path}: data.source is cifar10, so the class folders must be CIFAR-10's ({', '.join(CIFAR10_CLASSES)}); "
             f"found {', '.join(classes)}. For another labelled image set use data.source: folder"
         )
+    for split, labels in zip(SPLITS, (images.train_y, images.test_y)):
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+        empty = [f"{split}/{name}/" for name, count in zip(classes, counts) if count == 0]
+        if empty:
+            raise DataError(f"{path}: no images in {', '.join(empty)}; data.source is cifar10, so each of its ten classes "
+                            f"needs images under train/<class>/ and test/<class>/ ({'|'.join(IMAGE_SUFFIXES)})")
 
 
 def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
@@ -383,7 +391,7 @@ def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
             raise DataError(f"{path}: no such file or folder")
         images = read_dataset(path, cache_dir)
         if spec.source == "cifar10":
-            _check_cifar10_classes(path, images.classes)
+            _check_cifar10_classes(path, images)
         images.train_x, images.train_y = _subset(images.train_x, images.train_y, spec.train_size, seed=1)
         images.test_x, images.test_y = _subset(images.test_x, images.test_y, spec.test_size, seed=2)
     if spec.val_split:

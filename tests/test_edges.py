@@ -110,3 +110,26 @@ def test_a_batch_as_numpy_and_python_write_it_still_loads(tmp_path: Path, protoc
     assert np.array_equal(images.train_x.numpy(), np.concatenate([x for x, _ in written[:5]]))
     assert np.array_equal(images.train_y.numpy(), np.concatenate([y for _, y in written[:5]]))
     assert np.array_equal(images.test_x.numpy(), written[5][0]) and images.classes == CIFAR10_CLASSES
+
+
+# ----------------------------------------------------------------------------- an empty class folder
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_class_folder_is_refused_as_cifar10(tmp_path: Path, split: str) -> None:
+    root = tmp_path / "imgs"
+    write_image_folder(root, per_class=1)
+    for image in (root / split / "cat").iterdir():
+        image.unlink()
+
+    with pytest.raises(DataError) as err:
+        load_images(DataSpec(source="cifar10", path=str(root)), tmp_path / "cache")
+
+    message = str(err.value)
+    assert message.startswith(f"{root}: no images in {split}/cat/;") and "train/<class>/ and test/<class>/" in message
+
+
+def test_every_class_folder_with_images_loads_as_cifar10(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "imgs", per_class=1)
+    images = load_images(DataSpec(source="cifar10", path=str(tmp_path / "imgs")), tmp_path / "cache")
+    assert torch.bincount(images.train_y).tolist() == [1] * 10 and torch.bincount(images.test_y).tolist() == [1] * 10
