@@ -133,3 +133,34 @@ def test_every_class_folder_with_images_loads_as_cifar10(tmp_path: Path) -> None
     write_image_folder(tmp_path / "imgs", per_class=1)
     images = load_images(DataSpec(source="cifar10", path=str(tmp_path / "imgs")), tmp_path / "cache")
     assert torch.bincount(images.train_y).tolist() == [1] * 10 and torch.bincount(images.test_y).tolist() == [1] * 10
+
+
+# ----------------------------------------------------------------------------- probe --out that cannot be written
+
+
+PROBE = ("probe", "--arch", "plain", "--depth", "8", "--batch-size", "4")
+
+
+def test_probe_into_a_read_only_folder_is_one_error_line_with_code_1(cli, monkeypatch, tmp_path: Path) -> None:
+    def read_only(frame, path, **_) -> None:  # the probe's first write, as a read-only file system answers it, even to root
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", read_only)
+    result = cli(*PROBE, "--out", tmp_path / "probe")
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert f"{tmp_path / 'probe' / 'probe.csv'}: " in result.stderr and os.strerror(errno.EROFS) in result.stderr
+    assert "another --out" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+def test_probe_into_a_folder_without_write_permission_is_one_error_line(cli, tmp_path: Path) -> None:
+    out = tmp_path / "probe"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        result = cli(*PROBE, "--out", out)
+    finally:
+        out.chmod(0o755)
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.output
