@@ -164,3 +164,35 @@ def test_probe_into_a_folder_without_write_permission_is_one_error_line(cli, tmp
     finally:
         out.chmod(0o755)
     assert result.exit_code == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.output
+
+
+# ----------------------------------------------------------------------------- integers written as floats
+
+
+def test_integers_written_as_whole_floats_mean_the_same_cells(tmp_path: Path) -> None:
+    """Accepted on purpose: YAML 1.2 reads 64e3 as a float, so `iterations: 64e3` must work, and 32.0 is the same number."""
+    as_floats = load_config(write_config(tmp_path / "f.yaml", tiny_sweep(
+        train={"epochs": 2.0, "milestones": [1.0], "batch_size": 32.0}, grid={"arch": "plain", "depth": 8.0, "seed": 1.0})))
+    as_ints = load_config(write_config(tmp_path / "i.yaml", tiny_sweep(
+        train={"epochs": 2, "milestones": [1], "batch_size": 32}, grid={"arch": "plain", "depth": 8, "seed": 1})))
+
+    cell = as_floats.cells[0]
+    assert (cell.depth, cell.seed, cell.train.batch_size, cell.train.epochs) == (8, 1, 32, 2)
+    assert all(type(v) is int for v in (cell.depth, cell.seed, cell.train.batch_size, cell.train.epochs, *cell.train.milestones))
+    assert [c.fingerprint() for c in as_floats.cells] == [c.fingerprint() for c in as_ints.cells]
+    assert [c.id for c in as_floats.cells] == ["plain-8-s1"]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [("train", "batch_size", 32.5), ("grid", "depth", 8.5),
+                                                        ("grid", "seed", 0.5), ("train", "epochs", float("inf"))])
+def test_a_fractional_float_for_an_integer_is_a_type_error_naming_file_and_key(tmp_path: Path, section: str, key: str,
+                                                                               value: float) -> None:
+    config = tiny_sweep()
+    config[section] = {**config[section], key: value}
+    path = write_config(tmp_path / "mine.yaml", config)
+
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+
+    assert (err.value.source, err.value.key) == (str(path), f"{section}.{key}")
+    assert err.value.message.startswith("expected an integer"), err.value.message
