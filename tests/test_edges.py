@@ -196,3 +196,31 @@ def test_a_fractional_float_for_an_integer_is_a_type_error_naming_file_and_key(t
 
     assert (err.value.source, err.value.key) == (str(path), f"{section}.{key}")
     assert err.value.message.startswith("expected an integer"), err.value.message
+
+
+# ----------------------------------------------------------------------------- a report with nothing to label
+
+
+def write_dynamics(results: Path, cell_id: str, with_branches: bool) -> None:
+    columns = {"epoch": [1, 2], "grad_norm/stem": [0.1, 0.1], "grad_norm/stage1": [0.2, 0.1], "grad_norm/classifier": [0.4, 0.3]}
+    if with_branches:
+        columns["branch_ratio/stage1"] = [1.2, 1.1]
+    pd.DataFrame(columns).to_csv(ResultsFolder(results).cell(cell_id).dynamics, index=False)
+
+
+@pytest.mark.parametrize("ran", ["plain only", "residual only", "no branch sizes"])
+def test_a_small_report_draws_no_empty_legend_and_writes_nothing_to_stderr(cli, tmp_path: Path, ran: str) -> None:
+    archs = {"plain only": ["plain"], "residual only": ["residual"], "no branch sizes": ["plain", "residual"]}[ran]
+    cells = write_sweep(tmp_path, {"name": "small", "data": {"source": "synthetic"}, "train": {"epochs": 4},
+                                   "grid": {"arch": archs, "depth": [8], "seed": [0]}})
+    for cell in cells.values():
+        finish(tmp_path, cell, 30.0)
+        write_dynamics(tmp_path, cell.id, with_branches=ran != "no branch sizes")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_report(build_report(tmp_path), tmp_path)
+    assert ResultsFolder(tmp_path).dynamics_figure in written
+
+    result = cli("report", tmp_path)
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
