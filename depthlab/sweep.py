@@ -409,6 +409,8 @@ def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device:
 
     try:
         while ended < len(cells):
+            # asking a retired worker for its exit code waits for it once it has ended: no zombie until the sweep ends
+            retired = [process for process in retired if process.exitcode is None]
             for handle in workers.values():
                 if handle.cell is None and pending:
                     handle.cell = pending.popleft()

@@ -224,3 +224,60 @@ def test_a_small_report_draws_no_empty_legend_and_writes_nothing_to_stderr(cli, 
 
     result = cli("report", tmp_path)
     assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
+# ----------------------------------------------------------------------------- worker processes that end
+
+
+def zombie_children() -> list[int]:
+    """This process's children that have ended but were not waited for (Linux /proc)."""
+    zombies = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            zombies.append(int(stat.parent.name))
+    return zombies
+
+
+def worker_that_breaks_once(rank, parent_pid, lock, config, cells, out_dir, device, jobs, conn) -> None:
+    """A worker without torch work: the sweep's first attempt breaks its worker (as a dead GPU context does), the others train."""
+    broke = out_dir / "broke"
+
+    def attempt(index: int) -> CellOutcome:
+        if broke.exists():
+            return CellOutcome({"id": cells[index].id})
+        broke.touch()
+        return CellOutcome(None, "CUDA error: an illegal memory access was encountered", "worker")
+
+    serve(conn, attempt)
+
+
+class ZombieCounter:
+    """Counts this process's unreaped children each time a cell ends."""
+
+    def __init__(self):
+        self.zombies: list[list[int]] = []
+
+    def cell_started(self, *args) -> None: ...
+    def epoch_done(self, *args) -> None: ...
+    def epoch_progress(self, *args) -> None: ...
+
+    def cell_ended(self, cell_id, summary, error) -> None:
+        time.sleep(0.2)  # a retired worker on its way out has ended before the sweep takes its next step
+        self.zombies.append(zombie_children())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_replaced_worker_is_waited_for_while_the_sweep_runs(tmp_path: Path) -> None:
+    """A worker retired after a broken GPU context must not stay a zombie until the sweep ends (hours, on a GPU)."""
+    config = parse_config(tiny_sweep(grid={"arch": "plain", "depth": 8, "seed": [0, 1, 2, 3]}))
+    counter = ZombieCounter()
+    with exclusive(tmp_path) as fd:
+        sweep_module._run_parallel(config, config.cells, tmp_path, torch.device("cpu"), 1, counter, fd,
+                                   target=worker_that_breaks_once)
+
+    assert (tmp_path / "broke").exists() and len(counter.zombies) == 4
+    assert counter.zombies[-1] == [], f"unreaped workers while the sweep still ran: {counter.zombies}"
