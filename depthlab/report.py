@@ -496,7 +496,8 @@ def dynamics_figure(report: Report) -> Optional[Figure]:
         bottom.set_xlabel("epoch")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(depths), 5), fontsize=9, frameon=False)
+        if bottom.get_legend_handles_labels()[0]:  # a column without curves (one architecture ran) has nothing to list
+            bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(depths), 5), fontsize=9, frameon=False)
     axes[0][0].set_ylabel("‖∂L/∂W‖ stage 1 / classifier")
     axes[1][0].set_ylabel("branch RMS(F(x)) / RMS(x), mean over stages")
     fig.suptitle(f"{report.name}: gradients and blocks during training (one fixed batch per epoch, mean over seeds)", fontsize=10)
