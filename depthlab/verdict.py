@@ -435,10 +435,10 @@ def _plan_sentence(plan: Mapping[str, Any], look: int) -> str:
 def find_outliers(seeds: Mapping[tuple[str, int], Mapping[int, float]], images: int = PAPER_TRAIN_SIZE) -> list[dict[str, Any]]:
     """Seeds further than OUTLIER_DISTANCE reference s.d.s from their cell's median.
 
-    The reference s.d. is the largest of: the cell's own robust spread (1.4826 × MAD, so a cell that is
-    wide throughout flags nothing; from three seeds — two seeds' MAD is their own distance), the median of every cell's s.d. (the grid's typical seed spread:
-    with 2–5 seeds a cell's own MAD is often near 0) and the binomial floor. With two seeds both sit at
-    the same distance from their median and the pair is named, not one seed.
+    The reference s.d. is the largest of: the cell's own robust spread (1.4826 × MAD, from three seeds —
+    two seeds' MAD is their own distance — so a cell that is wide throughout flags nothing), the median
+    of every cell's s.d. (the grid's typical seed spread: with 2–5 seeds a cell's own MAD is often near
+    0) and the binomial floor. Two seeds sit at the same distance from their median: the pair is named.
     """
     spreads = [statistics.stdev(v.values()) for v in seeds.values() if len(v) >= 2]
     typical = statistics.median(spreads) if spreads else 0.0
@@ -451,13 +451,13 @@ def find_outliers(seeds: Mapping[tuple[str, int], Mapping[int, float]], images: 
         mad = 1.4826 * statistics.median(abs(v - median) for v in values) if len(values) > 2 else 0.0  # of two: their gap
         scale = max(mad, typical, math.sqrt(binomial_floor(median, images)))
         far = {seed: v for seed, v in by_seed.items() if abs(v - median) > OUTLIER_DISTANCE * scale}
-        if not far:
-            continue
-        pair = len(by_seed) == 2
-        for seed, value in (([(None, None)]) if pair else far.items()):
-            found.append({"arch": arch, "depth": depth, "cell": f"{arch}-{depth}", "seed": seed, "value": value,
-                          "seeds": sorted(by_seed) if pair else [seed], "median": median, "scale": scale,
-                          "distance": max(abs(v - median) for v in far.values()) / scale if pair else abs(value - median) / scale})
+        entry = {"arch": arch, "depth": depth, "cell": f"{arch}-{depth}", "median": median, "scale": scale}
+        if far and len(by_seed) == 2:
+            found.append({**entry, "seed": None, "value": None, "seeds": sorted(by_seed),
+                          "distance": abs(values[0] - median) / scale})
+        elif far:
+            found += [{**entry, "seed": seed, "value": value, "seeds": [seed], "distance": abs(value - median) / scale}
+                      for seed, value in far.items()]
     return found
 
 
@@ -588,13 +588,13 @@ def _variance_floor(seeds: Mapping[tuple[str, int], Mapping[int, float]], images
 
 def _data(finished: pd.DataFrame, images: int) -> dict[str, Any]:
     """What the judged cells trained on, for a figure's title: image source, images, the smallest budget."""
-    def first(column: str) -> Any:
-        values = finished[column].dropna() if column in finished.columns else pd.Series(dtype=object)
-        return values.min() if len(values) and column != "source" else (values.iloc[0] if len(values) else None)
+    def smallest(column: str) -> Optional[int]:
+        values = pd.to_numeric(finished[column], errors="coerce").dropna() if column in finished.columns else []
+        return int(min(values)) if len(values) else None
 
-    iterations, batch = first("iterations"), first("batch_size")
-    return {"source": first("source"), "images": images, "iterations": None if iterations is None else int(iterations),
-            "batch_size": None if batch is None else int(batch)}
+    sources = finished.source.dropna().unique().tolist() if "source" in finished.columns else []
+    return {"source": ", ".join(sorted(sources)) or None, "images": images, "iterations": smallest("iterations"),
+            "batch_size": smallest("batch_size")}
 
 
 def decide(cells: pd.DataFrame, seeds_required: int = SEEDS_REQUIRED, margin: float = MARGIN,
