@@ -408,14 +408,14 @@ def plan_seeds(values: Mapping[tuple[str, int], Sequence[float]], margin: float,
     points_yes = (observed.plain.gap > margin and all(d.gap < margin for _, d in observed.steps)
                   and observed.interaction.gap > 0 and observed.cross is not None and observed.cross[1].gap > 0)
     expected = "reproduced" if points_yes else "not_reproduced"
-    plan: dict[str, Any] = {"outcome": expected, "seeds": None, "probability": None, "alpha": alpha,
+    plan: dict[str, Any] = {"outcome": expected, "seeds": None, "probability": None, "tried": None, "alpha": alpha,
                             "power_target": POWER_TARGET, "assumes": "the observed means and s.d.s are the truth; normal seeds"}
-    for n in range(max(start, 2), MOST_SEEDS_PLANNED + 1):
+    most = max(MOST_SEEDS_PLANNED, start)
+    for n in range(max(start, 2), most + 1):
         chance = _route_chances(_with_seeds(stats, n), margin, alpha)[expected]
         if chance >= POWER_TARGET:
             return {**plan, "seeds": n, "probability": chance}
-    plan["probability"] = _route_chances(_with_seeds(stats, MOST_SEEDS_PLANNED), margin, alpha)[expected]
-    return plan
+    return {**plan, "probability": chance, "tried": most}
 
 
 def _plan_sentence(plan: Mapping[str, Any], look: int) -> str:
@@ -423,7 +423,7 @@ def _plan_sentence(plan: Mapping[str, Any], look: int) -> str:
     word = plan["outcome"].replace("_", " ")
     level = f"α = {plan['alpha']:.3g}, the level of look {look} if they extend these seeds"
     if plan["seeds"] is None:
-        return (f"Even {MOST_SEEDS_PLANNED} seeds per net would give a firm '{word}' with only {plan['probability']:.0%} "
+        return (f"Even {plan['tried']} seeds per net would give a firm '{word}' with only {plan['probability']:.0%} "
                 f"chance ({level}): the observed gaps sit too close to their thresholds for more seeds to settle it.")
     return (f"A firm answer would likely need {plan['seeds']} seeds per net ({plan['probability']:.0%} chance of '{word}' "
             f"at {level}, if the observed means and s.d.s are true); decide the number before running them.")
