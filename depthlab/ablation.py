@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MEASURE = "clean_train_err"
+ABLATION_FIGURE = "ablation.png"
 SEEDS_FOR_FINDING = 3  # one seed has no spread; two give one degree of freedom per side, too few to trust a bound
 LABELS = {"plain": "plain", "residual": "ResNet"}
 ROW_KEYS = ("variant", "arch", "depths", "n_seeds", "baseline_n_seeds", "n_diverged", "effect", "baseline_effect",
