@@ -614,9 +614,10 @@ def probe_figure(frame: pd.DataFrame, source: Optional[ProbeSource] = None) -> F
 
     fig = Figure(figsize=(15, 7.5), layout="constrained")
     axes = fig.subplots(2, 3).flatten()
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-."]  # one per variant, in the order they were probed; the colour says the arch
+    variants = list(dict.fromkeys(frame["variant"]))
     for ax, (column, title, log) in zip(axes, PANELS):
-        for i, ((arch, variant), rows) in enumerate(frame.sort_values("depth").groupby(["arch", "variant"], sort=False)):
+        for (arch, variant), rows in frame.sort_values("depth").groupby(["arch", "variant"], sort=False):
             colour = ARCH_STYLE.get(arch, (arch, None))[1]
             if column is None:  # the decay: base nets only, one line per depth, deeper = fainter
                 if variant:
@@ -628,8 +629,8 @@ def probe_figure(frame: pd.DataFrame, source: Optional[ProbeSource] = None) -> F
                 ax.set_xlabel("lag (steps along the walk)")
                 continue
             values = rows[column].where(rows[column].abs() != math.inf) if log else rows[column]
-            ax.plot(rows["depth"], values, "o" + styles[i // 2 % len(styles)], label=_label(arch, variant),
-                    color=colour if not variant else None)
+            ax.plot(rows["depth"], values, "o" + styles[variants.index(variant) % len(styles)], label=_label(arch, variant),
+                    color=colour)
             ax.set_xlabel("depth (layers)")
         if log:
             ax.set_yscale("log")
