@@ -35,7 +35,7 @@ cpu-check: install             ## cpu.yaml's verdict again on seeds 3-5, and in 
 ablation: install              ## which cause? shortcut scale, init, BatchNorm, block order (ABLATION=configs/ablation-cpu.yaml on a CPU)
 	$(BIN)/depthlab sweep $(or $(ABLATION),configs/ablation.yaml) $(DATA_FLAG)
 
-probe: install                 ## gradients, signal and shattering per depth at initialisation (seconds on a CPU)
+probe: install                 ## gradients, logit scale and shattering per depth at initialisation (minutes on a 2-core CPU)
 	$(BIN)/depthlab probe $(DATA_FLAG)
 
 smoke: install                 ## seconds on a CPU, synthetic data

@@ -266,22 +266,70 @@ def _print_paths(result: dict) -> None:
         console.print(f"  {label:<20} {path['images_per_second']:>8,.0f} images/s  ({path['speedup']:.2f}×){chosen}")
 
 
+def _probe_variant(text: str) -> dict:
+    """`--variant norm=none,init=skipinit` as NetSpec options; a ConfigError names what is wrong."""
+    from .config import NET_KEYS
+    from .options import NetSpec, net_spec_error
+
+    options: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in NET_KEYS or not value:
+            raise ConfigError("--variant", "", f"expected KEY=VALUE[,KEY=VALUE] with KEY one of {', '.join(NET_KEYS)}; got {item!r}")
+        try:
+            options[key] = float(value) if key == "shortcut_scale" else value
+        except ValueError:
+            raise ConfigError("--variant", "", f"shortcut_scale must be a number; got {value!r}") from None
+    problems = [net_spec_error(NetSpec(arch, 8, **options)) for arch in ("plain", "residual")]
+    if all(problems):
+        raise ConfigError("--variant", "", f"{text}: {problems[1]}")
+    return options
+
+
+def _probe_cell(cell: Path, result, lesions: list[dict], source, fmt: "Format") -> None:
+    """A trained cell's probe: the lesion table and its gradient measures."""
+    payload = {"cell": str(cell), **source.as_dict(), "loss": result.loss, "logit_std": result.logit_std,
+               "grad_ratio": result.grad_ratio, "rel_grad_ratio": result.rel_grad_ratio,
+               "nearby_gradient_correlation": result.nearby_gradient_correlation, "nearby_by_lag": result.nearby_by_lag,
+               "unrelated_image_gradient_cosine": result.unrelated_image_gradient_cosine,
+               "gradient_correlation": result.unrelated_image_gradient_cosine,  # the same number under its former key
+               "blocks": result.blocks, "lesion": lesions}
+    if fmt is Format.json:
+        print(json.dumps(payload, indent=2, default=float))
+        return
+    table = Table(title=f"{escape(cell.name)}: test of removing one block (error % on the probed batch)\n{escape(source.line())}")
+    for column in ("removed", "error %", "loss"):
+        table.add_column(column)
+    for row in lesions:
+        error = "not removable" if row["error"] is None else f"{row['error']:.2f}"
+        loss = "" if row["loss"] is None else f"{row['loss']:.3f}"
+        table.add_row(str(row["removed"] or "(intact)"), error, loss)
+    console.print(table)
+    console.print(f"relative gradient ratio first/last conv {result.rel_grad_ratio:.3g}; nearby-input gradient correlation "
+                  f"{result.nearby_gradient_correlation:.4f}; unrelated images' gradient cosine {result.unrelated_image_gradient_cosine:.4f}")
+
+
+PROBE_SHOWN = ["arch", "variant", "depth", "logit_std", "rel_grad_ratio", "grad_ratio", "nearby_gradient_correlation",
+               "nearby_gradient_correlation_far", "unrelated_image_gradient_cosine", "branch_ratio", "act_std_last"]
+
+
 @app.command()
 def probe(
     arch: list[str] = typer.Option(["plain", "residual"], "--arch", help="plain and/or residual (repeat the option)."),
     depth: list[int] = typer.Option([8, 20, 56, 110], "--depth", help="Depths 6n+2 (repeat the option)."),
+    variant: list[str] = typer.Option([], "--variant", help="Also probe an ablation, e.g. norm=none,init=skipinit (repeat the option)."),
     cell: Optional[Path] = typer.Option(None, "--cell", help="Probe a finished cell's weights (results/<name>/cells/<id>) and remove one block at a time."),
     data: Optional[str] = DataOpt,
     batch_size: int = typer.Option(128, "--batch-size", min=2, help="Images in the probed batch."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the initial weights and of the batch drawn."),
-    out: Path = typer.Option(Path("results/probe"), "--out", help="Folder for probe.csv and probe.png."),
+    out: Path = typer.Option(Path("results/probe"), "--out", help="Folder for probe.csv, shattering.csv and probe.png."),
     fmt: Format = typer.Option(Format.text, "--format", help="text, json or markdown."),
 ) -> None:
-    """Why plain nets degrade: gradient norms, signal scale, residual-branch size and shattered gradients, per depth."""
+    """Why plain nets degrade: gradients, logit scale, residual-branch size and shattered gradients, per depth."""
     from .config import DataSpec
     from .data import DataError
     from .options import ARCHS, depth_error
-    from .probe import probe_batch, probe_depths, probe_figure, probe_trained
+    from .probe import ProbeSource, decay_table, probe_batch, probe_depths, probe_figure, probe_trained
     from .sweep import storage_errors
 
     with user_errors():
@@ -292,7 +340,11 @@ def probe(
             problem = depth_error(d)
             if problem:
                 raise ConfigError("--depth", "", problem)
+        variants = [{}] + [_probe_variant(v) for v in variant]
         spec = DataSpec(source="cifar10", path=data) if data else DataSpec(source="synthetic")
+        source = ProbeSource.of(data, batch_size, seed)
+        if source.synthetic:
+            errors.print(f"[bold yellow]warning:[/] {escape(source.data)}; pass --data PATH for real images", highlight=False)
         try:
             batch = probe_batch(spec, batch_size, seed)
         except ValueError as err:
@@ -303,41 +355,31 @@ def probe(
             except FileNotFoundError as err:
                 raise DataError(str(err)) from None
     if cell is not None:
-        payload = {"cell": str(cell), "loss": result.loss, "grad_ratio": result.grad_ratio,
-                   "gradient_correlation": result.gradient_correlation, "blocks": result.blocks, "lesion": lesions}
-        if fmt is Format.json:
-            print(json.dumps(payload, indent=2, default=float))
-            return
-        table = Table(title=f"{cell.name}: test of removing one block (error % on the probed batch)")
-        for column in ("removed", "error %", "loss"):
-            table.add_column(column)
-        for row in lesions:
-            error = "not removable" if row["error"] is None else f"{row['error']:.2f}"
-            loss = "" if row["loss"] is None else f"{row['loss']:.3f}"
-            table.add_row(str(row["removed"] or "(intact)"), error, loss)
-        console.print(table)
-        console.print(f"gradient-norm ratio first/last layer {result.grad_ratio:.3g}; input-gradient correlation "
-                      f"{result.gradient_correlation:.4f}")
+        _probe_cell(cell, result, lesions, source, fmt)
         return
-    frame = probe_depths(arch, depth, batch=batch, seed=seed)
+    frame = probe_depths(arch, depth, batch=batch, seed=seed, variants=variants)
+    scalars = frame.drop(columns=["nearby_by_lag"]).assign(**source.as_dict())
     with user_errors(), storage_errors(out, advice="free space or make the folder writable, or use another --out"):
         out.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out / "probe.csv", index=False)
-        probe_figure(frame).savefig(out / "probe.png", dpi=120)
+        scalars.to_csv(out / "probe.csv", index=False)
+        decay_table(frame).to_csv(out / "shattering.csv", index=False)
+        probe_figure(frame, source).savefig(out / "probe.png", dpi=120)
+    shown = frame[PROBE_SHOWN]
     if fmt is Format.json:
-        print(frame.to_json(orient="records", indent=2))
+        print(json.dumps([{**row, **source.as_dict()} for row in frame.to_dict(orient="records")], indent=2, default=float))
     elif fmt is Format.markdown:
-        print("| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns))
-        for _, row in frame.iterrows():
+        print(f"At initialisation, on {source.line()}.\n")
+        print("| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns))
+        for _, row in shown.iterrows():
             print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
     else:
-        table = Table(title="at initialisation, on one batch (train-mode BatchNorm)")
-        for column in frame.columns:
+        table = Table(title=f"at initialisation, on one batch: {escape(source.line())}")
+        for column in shown.columns:
             table.add_column(column, justify="right")
-        for _, row in frame.iterrows():
+        for _, row in shown.iterrows():
             table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
         console.print(table)
-        console.print(f"wrote {out / 'probe.csv'}, {out / 'probe.png'}")
+        console.print(f"wrote {out / 'probe.csv'}, {out / 'shattering.csv'}, {out / 'probe.png'}")
 
 
 def main() -> None:

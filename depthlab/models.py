@@ -9,6 +9,13 @@ a plain net the same pair without the addition. The two families have identical 
 The ablations (see `options.NetSpec`) change one thing each: λ in a[l+2] = g(z[l+2] + λ·shortcut(a[l])),
 the initialisation, BatchNorm or none, the 2016 pre-activation block order, or fully-connected
 layers on the flattened image instead of convs (the MLP family, widths `MLP_WIDTHS`).
+
+The pre-activation net follows He et al. 2016's reference code (fb.resnet.torch, models/preresnet.lua,
+the revision with `no_preact`/`both_preact` blocks): the stem is conv-BN-ReLU as in the 2015 net; the
+first block of stage 1 starts at its conv (its input is already the stem's BN-ReLU); the first block
+of stages 2 and 3, where the shape changes, applies BN-ReLU *before* the split, so its shortcut sees
+the activated input; every other block has BN-ReLU at the start of its branch and a pure identity
+shortcut; a final BN-ReLU comes before pooling.
 λ = 0 gives exactly the plain net's outputs and gradients for the same weights. With option B the
 projection W_s is then still computed (its BN statistics still update) but it adds nothing and gets
 zero gradients, so only weight decay moves it; option A shortcuts have no parameters at all.
@@ -19,9 +26,12 @@ The contract a probe can rely on, for every net `build_net` returns:
   `final_norm` is the pre-activation net's closing norm-ReLU (nn.Identity in `post` nets), `pool` is
   global average pooling and flattening (nn.Identity in the MLP), `classifier` the last nn.Linear.
 - `stages` is an nn.Sequential of three nn.Sequential of blocks.
-- every block has `residual_branch(x)` (F(x), everything before the add), `shortcut` (a module, or
-  None in a plain block) and `shortcut_scale` (λ; 0.0 in a plain block, which adds nothing).
-  A `post` block returns relu(F(x) + λ·shortcut(x)), a `pre` block F(x) + λ·shortcut(x).
+- every block has `preactivate(x)` (the pre-activation shared by branch and shortcut: BN-ReLU in the
+  `pre` block where the shape changes, else the identity), `residual_branch(a)` (F(a), everything
+  before the add, of the pre-activated input a = preactivate(x)), `shortcut` (a module, or None in a
+  plain block), `shortcut_scale` (λ; 0.0 in a plain block, which adds nothing) and `branch_scale`
+  (SkipInit's α, a learned scalar that multiplies F inside `residual_branch`; None unless init skipinit).
+  A `post` block returns relu(F(a) + λ·shortcut(a)), a `pre` block F(a) + λ·shortcut(a).
 - a block's weighted layers are `conv1` and `conv2`, each followed by `bn1`/`bn2` (nn.Identity
   under norm none). The MLP keeps these names for its nn.Linear and BatchNorm1d layers: they are the
   state-dict keys under which the 2015 nets' saved weights were written.
@@ -111,17 +121,29 @@ class Block(nn.Module):
     """Two weighted layers and their norms, plus an optional shortcut scaled by λ; subclasses set the order."""
 
     def __init__(self, in_width: int, out_width: int, stride: int = 1, shortcut: nn.Module | None = None,
-                 shortcut_scale: float = 1.0, layers: Layers = Layers(), bn1_width: int | None = None):
+                 shortcut_scale: float = 1.0, layers: Layers = Layers(), bn1: nn.Module | None = None,
+                 skip_init: bool = False):
         super().__init__()
         self.conv1 = layers.weighted(in_width, out_width, stride)
-        self.bn1 = layers.normalise(out_width if bn1_width is None else bn1_width)
+        self.bn1 = layers.normalise(out_width) if bn1 is None else bn1
         self.conv2 = layers.weighted(out_width, out_width)
         self.bn2 = layers.normalise(out_width)
         self.shortcut = shortcut
         self.shortcut_scale = shortcut_scale if shortcut is not None else 0.0
+        # SkipInit (De & Smith 2020): x + α·F(x) with a learned α that starts at 0 (set by init_weights)
+        self.branch_scale = nn.Parameter(torch.ones(())) if skip_init else None
 
-    def residual_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def preactivate(self, x: torch.Tensor) -> torch.Tensor:
+        """What both the branch and the shortcut receive: the block's input, unless a subclass activates it first."""
+        return x
+
+    def branch(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def residual_branch(self, a: torch.Tensor) -> torch.Tensor:
+        """F(a), everything before the add (α·F(a) under SkipInit)."""
+        fa = self.branch(a)
+        return fa if self.branch_scale is None else self.branch_scale * fa
 
     def add_shortcut(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """F(x) + λ·shortcut(x); F(x) alone in a plain block."""
@@ -134,30 +156,46 @@ class Block(nn.Module):
 class PostBlock(Block):
     """He et al. 2015: a[l+2] = relu(z[l+2] + λ·shortcut(a[l])), the shortcut added *before* the last ReLU."""
 
-    def residual_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, a: torch.Tensor) -> torch.Tensor:
         """z[l+2]: conv-BN-ReLU-conv-BN, up to (not including) the final ReLU."""
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(a)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.add_shortcut(self.residual_branch(x), x))
 
 
+PREACTS = ("branch", "shared", "none")  # fb.resnet.torch's default, both_preact and no_preact blocks
+
+
 class PreBlock(Block):
     """He et al. 2016 (identity mappings): a[l+2] = F(a[l]) + λ·shortcut(a[l]), with no ReLU after the add.
 
-    The norms come before the weighted layers, so `bn1` normalises the block's input.
+    The norms come before the weighted layers. `preact` says where the block's first BN-ReLU (`bn1`,
+    over the input width) sits: `branch` — at the start of F, the shortcut stays a pure identity;
+    `shared` — before the split, so the shortcut sees the activated input too (where the shape
+    changes); `none` — no first BN-ReLU, for the block right after the stem's BN-ReLU.
     """
 
     def __init__(self, in_width: int, out_width: int, stride: int = 1, shortcut: nn.Module | None = None,
-                 shortcut_scale: float = 1.0, layers: Layers = Layers()):
-        super().__init__(in_width, out_width, stride, shortcut, shortcut_scale, layers, bn1_width=in_width)
+                 shortcut_scale: float = 1.0, layers: Layers = Layers(), skip_init: bool = False, preact: str = "branch"):
+        if preact not in PREACTS:
+            raise ValueError(f"preact must be one of {', '.join(PREACTS)}; got {preact!r}")
+        bn1 = nn.Identity() if preact == "none" else layers.normalise(in_width)
+        super().__init__(in_width, out_width, stride, shortcut, shortcut_scale, layers, bn1=bn1, skip_init=skip_init)
+        self.preact = preact
 
-    def residual_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """F(x): BN-ReLU-conv-BN-ReLU-conv."""
-        return self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+    def preactivate(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(x)) if self.preact == "shared" else x
+
+    def branch(self, a: torch.Tensor) -> torch.Tensor:
+        """F: [BN-ReLU-]conv-BN-ReLU-conv, the first BN-ReLU only where it is not shared or the stem's."""
+        if self.preact == "branch":
+            a = F.relu(self.bn1(a))
+        return self.conv2(F.relu(self.bn2(self.conv1(a))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_shortcut(self.residual_branch(x), x)
+        a = self.preactivate(x)
+        return self.add_shortcut(self.residual_branch(a), a)
 
 
 BLOCKS: dict[str, type[Block]] = {"post": PostBlock, "pre": PreBlock}
@@ -174,7 +212,7 @@ class CifarNet(nn.Module):
         self.spec = spec = spec.canonical()
         layers = Layers(spec.family, spec.norm)
         widths = MLP_WIDTHS if spec.family == "mlp" else STAGE_WIDTHS
-        self.stem = self._stem(layers, widths[0], spec.block)
+        self.stem = self._stem(layers, widths[0])
         self.stages = self._stages(spec, layers, widths)
         self.final_norm = nn.Sequential(layers.normalise(widths[-1]), nn.ReLU()) if spec.block == "pre" else nn.Identity()
         self.pool = nn.Identity() if spec.family == "mlp" else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -182,24 +220,27 @@ class CifarNet(nn.Module):
         init_weights(self, spec.init)
 
     @staticmethod
-    def _stem(layers: Layers, width: int, block: str) -> nn.Sequential:
-        """The first weighted layer; a `pre` net leaves its norm-ReLU to the first block."""
+    def _stem(layers: Layers, width: int) -> nn.Sequential:
+        """The first weighted layer with its norm and ReLU, in both block orders (as preresnet.lua)."""
         flatten = [nn.Flatten()] if layers.family == "mlp" else []
         in_width = math.prod(IMAGE_SHAPE) if layers.family == "mlp" else IMAGE_SHAPE[0]
-        activation = [layers.normalise(width), nn.ReLU()] if block == "post" else []
-        return nn.Sequential(*flatten, layers.weighted(in_width, width), *activation)
+        return nn.Sequential(*flatten, layers.weighted(in_width, width), layers.normalise(width), nn.ReLU())
 
     @staticmethod
     def _stages(spec: NetSpec, layers: Layers, widths: tuple[int, ...]) -> nn.Sequential:
         """Three stages of n blocks; the first block of stages 2 and 3 widens (and, in the conv net, halves the map)."""
         n, block_type, residual = blocks_per_stage(spec.depth), BLOCKS[spec.block], spec.arch == "residual"
+        skip_init = spec.init == "skipinit"
         stages, in_width = [], widths[0]
         for index, width in enumerate(widths):
             blocks = []
             for b in range(n):
                 stride = 2 if index > 0 and b == 0 and layers.family == "conv" else 1
                 shortcut = layers.shortcut(in_width, width, stride, spec.shortcut) if residual else None
-                blocks.append(block_type(in_width, width, stride, shortcut, spec.shortcut_scale, layers))
+                # preresnet.lua's three kinds of pre-activation block, by position
+                preact = {"preact": "branch" if b > 0 else ("none" if index == 0 else "shared")} if spec.block == "pre" else {}
+                blocks.append(block_type(in_width, width, stride, shortcut, spec.shortcut_scale, layers,
+                                         skip_init=skip_init, **preact))
                 in_width = width
             stages.append(nn.Sequential(*blocks))
         return nn.Sequential(*stages)
@@ -238,11 +279,28 @@ def init_weighted_layer(layer: nn.Conv2d | nn.Linear, init: Init) -> None:
         nn.init.zeros_(layer.bias)
 
 
+def zero_last_layer_(block: Block) -> None:
+    """Make a residual branch output zeros while every branch parameter can still learn.
+
+    In a `post` block the last γ (Goyal et al. 2017; torchvision's zero_init_residual): no ReLU follows
+    it inside the branch, so its gradient is non-zero. In a `pre` block the last BN precedes a ReLU,
+    and a zero γ (with β = 0) would leave that ReLU at 0, where its gradient is 0, killing the whole
+    branch for good; so the last conv's weights are zeroed instead (as timm's pre-activation
+    ResNetV2 does in `zero_init_last`): that conv gets a gradient at once, the rest after one step.
+    """
+    if isinstance(block, PreBlock):
+        nn.init.zeros_(block.conv2.weight)
+    else:
+        nn.init.zeros_(block.bn2.weight)
+
+
 def init_weights(net: CifarNet, init: Init = "he") -> None:
     """Initialise every layer before the classifier; BN starts as the identity (γ=1, β=0).
 
-    zero_gamma then sets the last γ of each residual branch to 0, so the branch outputs zeros and the
-    block starts as its shortcut (the identity within a stage). The classifier keeps PyTorch's default.
+    zero_gamma then zeroes the last layer of each residual branch (`zero_last_layer_`), so the
+    branch outputs zeros and the block starts as its shortcut (the identity within a stage);
+    skipinit keeps He init and sets each branch's α to 0, with the same effect on any net, with or
+    without BatchNorm. The classifier keeps PyTorch's default.
     """
     for module in chain(net.stem.modules(), net.stages.modules(), net.final_norm.modules()):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -250,9 +308,11 @@ def init_weights(net: CifarNet, init: Init = "he") -> None:
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-    if init == "zero_gamma":
-        for block in residual_blocks(net):
-            nn.init.zeros_(block.bn2.weight)
+    for block in residual_blocks(net):
+        if init == "zero_gamma":
+            zero_last_layer_(block)
+        if block.branch_scale is not None:
+            nn.init.zeros_(block.branch_scale)
 
 
 def build_net(spec: NetSpec) -> CifarNet:

@@ -45,11 +45,11 @@ def blocks_per_stage(depth: int) -> int:
 
 
 Family = Literal["conv", "mlp"]
-Init = Literal["he", "zero_gamma", "delta_orthogonal"]
+Init = Literal["he", "zero_gamma", "delta_orthogonal", "skipinit"]
 Norm = Literal["bn", "none"]
 BlockOrder = Literal["post", "pre"]
 FAMILIES: tuple[str, ...] = ("conv", "mlp")
-INITS: tuple[str, ...] = ("he", "zero_gamma", "delta_orthogonal")
+INITS: tuple[str, ...] = ("he", "zero_gamma", "delta_orthogonal", "skipinit")
 NORMS: tuple[str, ...] = ("bn", "none")
 BLOCK_ORDERS: tuple[str, ...] = ("post", "pre")
 
@@ -60,7 +60,9 @@ class NetSpec:
 
     family: conv (the paper's CIFAR net) or mlp (the same depth grid with fully-connected layers).
     shortcut, shortcut_scale: option A/B where the shape changes, and λ in a[l+2] = g(z[l+2] + λ·shortcut(a[l])).
-    init: he (Kaiming normal), zero_gamma (every residual block starts as its shortcut) or delta_orthogonal.
+    init: he (Kaiming normal), zero_gamma (every residual block starts as its shortcut: the last γ of a `post`
+    branch, the last conv of a `pre` branch is zero), delta_orthogonal, or skipinit (He init and a learned
+    scalar α = 0 on every residual branch, De & Smith 2020: keeps a net without BatchNorm finite at any depth).
     norm: bn (BatchNorm after every weighted layer) or none. block: post (2015: add, then ReLU) or pre (2016).
     """
 
@@ -102,8 +104,10 @@ def _choice_error(key: str, value: object, allowed: tuple[str, ...]) -> str | No
 def net_spec_error(spec: NetSpec) -> str | None:
     """Why `spec` names no net that can be built and trained, or None when it is fine.
 
-    Refused combinations: zero_gamma on a plain net (its first block would output zeros, so the net's
-    output would not depend on the input) and zero_gamma without BatchNorm (there is no γ to zero).
+    Refused combinations: zero_gamma or skipinit on a plain net (its first block would output zeros, so
+    the net's output would not depend on the input) and zero_gamma without BatchNorm (there is no γ to
+    zero; skipinit is the init for residual nets without BatchNorm). zero_gamma with `pre` blocks is
+    allowed: it zeroes the branch's last conv, which keeps every branch parameter trainable.
     Allowed on purpose: a `pre` plain net (the pre-activation layers without the additions, the fair
     partner of a `pre` ResNet) and delta_orthogonal with fewer outputs than inputs (the centre tap is
     then a matrix with orthonormal rows; the CIFAR nets never need it).
@@ -122,8 +126,8 @@ def net_spec_error(spec: NetSpec) -> str | None:
     scale = spec.shortcut_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         return f"shortcut_scale must be a finite number (1 = the ResNet, 0 = the plain net); got {scale!r}"
-    if spec.init == "zero_gamma" and spec.arch == "plain":
-        return "init zero_gamma needs arch residual: a plain net whose blocks output zeros ignores its input"
+    if spec.init in ("zero_gamma", "skipinit") and spec.arch == "plain":
+        return f"init {spec.init} needs arch residual: a plain net whose blocks output zeros ignores its input"
     if spec.init == "zero_gamma" and spec.norm == "none":
-        return "init zero_gamma needs norm bn: without BatchNorm there is no γ to set to zero"
+        return "init zero_gamma needs norm bn: without BatchNorm there is no γ to set to zero (use init skipinit)"
     return None

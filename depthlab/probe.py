@@ -4,11 +4,12 @@ Two explanations of the degradation compete. The textbook one: deep plain nets s
 or exploding gradients, and a residual block can easily become the identity. He et al. 2015 §4.1:
 with BatchNorm, forward signals keep non-zero variance and gradients keep healthy norms, so
 vanishing gradients are "unlikely" the cause. Later work: the input-gradients of deep plain nets
-"shatter" — those of different images decorrelate exponentially with depth, far more slowly in
-ResNets (Balduzzi et al. 2017) — and a trained ResNet survives losing a block where a plain net
-does not (Veit et al. 2016). This module measures each of these on any net that has `stem`,
-`stages` (a Sequential of Sequentials of blocks) and `classifier`, where a block has
-`residual_branch(x)` and, if residual, `shortcut` (and optionally `shortcut_scale`, λ).
+"shatter" — the gradients at *nearby* inputs decorrelate with depth, exponentially in plain nets
+and far more slowly in ResNets (Balduzzi et al. 2017, measured along a 1-D walk in input space) —
+and a trained ResNet survives losing a block where a plain net does not (Veit et al. 2016). This
+module measures each of these on any net that has `stem`, `stages` (a Sequential of Sequentials of
+blocks) and `classifier`, where a block has `residual_branch(a)` and, if residual, `shortcut` (and
+optionally `shortcut_scale`, λ, and `preactivate(x)`, what branch and shortcut receive).
 
 Everything is measured on the real forward, through hooks; only `lesion` changes what a block
 computes, and it undoes that before returning.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
-from .options import ARCHS, NetSpec
+from .options import ARCHS, NetSpec, net_spec_error
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,8 +37,15 @@ if TYPE_CHECKING:
     from .config import DataSpec
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-PROBE_COLUMNS = ["arch", "depth", "loss", "grad_first", "grad_last", "grad_ratio", "gradient_correlation",
+PROBE_COLUMNS = ["arch", "variant", "depth", "loss", "logit_std", "grad_first", "grad_last", "grad_ratio",
+                 "rel_grad_first_conv", "rel_grad_last_conv", "rel_grad_ratio", "nearby_gradient_correlation",
+                 "nearby_gradient_correlation_far", "unrelated_image_gradient_cosine", "gradient_correlation",
                  "branch_ratio", "act_std_last"]
+WALK_POINTS = 16  # points along each line between two images (Balduzzi et al. 2017 walk a 1-D line in input space)
+WALK_SPAN = 1 / 8  # the points cover this fraction of the way from one image to the other
+WALK_LINES = 16  # lines (image pairs) averaged over; each pair is two images of the probed batch
+WALK_CHUNK = 32  # images per backward pass of the walk: bounds memory at depth 110 on a CPU
+BN_MODE = "train-mode BatchNorm: the probed batch's statistics (held fixed for the input-gradients)"
 
 
 # ----------------------------------------------------------------------------- the net's parts
@@ -66,8 +74,10 @@ def _parts(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _shortcut_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """λ·shortcut(x): what is left of a residual block without its branch."""
-    return getattr(block, "shortcut_scale", 1.0) * block.shortcut(x)
+    """λ·shortcut(a), a = the block's pre-activated input: what is left of a residual block without its branch."""
+    preactivate = getattr(block, "preactivate", None)
+    a = x if preactivate is None else preactivate(x)
+    return getattr(block, "shortcut_scale", 1.0) * block.shortcut(a)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -210,25 +220,55 @@ def training_dynamics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: 
 # ----------------------------------------------------------------------------- one batch, all probes
 
 
+def _quotient(a: float, b: float) -> float:
+    """a / b, inf when only b is 0 (a SkipInit branch at α = 0 gets no gradient) and nan when both are."""
+    if b == 0:
+        return math.nan if a == 0 else math.inf
+    return a / b
+
+
 @dataclass
 class ProbeResult:
     """What `probe_model` measured on one batch.
 
     `layers`: conv/linear module name → ‖∂L/∂W‖, in the order the forward runs them.
+    `relative`: the same layers → ‖∂L/∂W‖ / ‖W‖, the step SGD takes relative to the weight. Under
+    BatchNorm a weight's gradient scales with 1/‖W‖, so only this relative size compares layers.
+    `first_conv`, `last_conv`: the first weighted layer and the last one before the classifier
+    (shortcut projections left out), the layers the relative ratio compares.
     `blocks`: one row per block: name, stage, index, act_mean, act_std (of its output), branch_ratio.
-    `gradient_correlation`: mean cosine similarity of the input-gradients of different images.
+    `logit_std`: s.d. of the logits over the batch: the net's output scale at this point.
+    `nearby_by_lag`: shattering as Balduzzi et al. measure it — the mean cosine between the
+    input-gradients at points `lag` steps apart along lines between two images (lag 1, 2, …).
+    `unrelated_image_gradient_cosine`: the mean cosine between the input-gradients of different,
+    unrelated images of the batch (not Balduzzi et al.'s measure: near 0 for any deep net).
     """
 
     loss: float
     layers: dict[str, float]
+    relative: dict[str, float]
+    first_conv: str
+    last_conv: str
     blocks: list[dict]
-    gradient_correlation: float
+    logit_std: float
+    nearby_by_lag: list[float]
+    unrelated_image_gradient_cosine: float
 
     @property
     def grad_ratio(self) -> float:
-        """‖∂L/∂W‖ of the first weighted layer over the last's: ≪ 1 means vanishing gradients."""
+        """‖∂L/∂W‖ of the first weighted layer over the last's (the classifier): absolute, so under BN it mixes scales."""
         norms = list(self.layers.values())
-        return norms[0] / norms[-1]
+        return _quotient(norms[0], norms[-1])
+
+    @property
+    def rel_grad_ratio(self) -> float:
+        """(‖∂L/∂W‖/‖W‖) of the first conv over that of the last conv: ≪ 1 vanishing, ≫ 1 exploding toward the input."""
+        return _quotient(self.relative[self.first_conv], self.relative[self.last_conv])
+
+    @property
+    def nearby_gradient_correlation(self) -> float:
+        """The mean cosine between neighbouring points' input-gradients (lag 1): 1 = smooth, 0 = shattered."""
+        return self.nearby_by_lag[0] if self.nearby_by_lag else math.nan
 
 
 def _batch_statistics(model: nn.Module) -> tuple[list, dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
@@ -271,20 +311,58 @@ def mean_pairwise_cosine(grads: torch.Tensor) -> float:
     return float(off_diagonal / (n * (n - 1)))
 
 
-def input_gradient_correlation(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
-    """Shattered gradients (Balduzzi et al. 2017): how alike ∂f/∂x is for different images.
+def input_gradients(model: nn.Module, x: torch.Tensor, seed: int = 0, chunk: int = WALK_CHUNK) -> torch.Tensor:
+    """∂f/∂x per image, f = vᵀ·logits with a fixed random unit vector v (from `seed`), `chunk` images at a time.
 
-    Balduzzi et al. study the gradient of a net's scalar output with respect to its input. Here f
-    is a fixed random projection vᵀ·logits (v from `seed`): it needs no labels and no softmax, so a
-    linear net gives the same gradient for every image (correlation exactly 1) and any drop below
-    1 is the net's own nonlinearity. The net is evaluated as a function of one image — BatchNorm
-    uses the statistics the model holds — so call it where those are the batch's (`probe_model` does).
+    Balduzzi et al. 2017 study the gradient of a net's scalar *output* with respect to its input.
+    A fixed projection of the logits is such an output and needs no labels and no softmax, so a
+    linear net has the same gradient everywhere (correlation exactly 1) and any drop below 1 is the
+    net's own nonlinearity; the loss's gradient would vary even for a linear net, through the
+    softmax and the label. Each image's gradient must be its own: call this where BatchNorm uses
+    fixed statistics (`probe_model` holds the probed batch's).
     """
-    x = x.detach().requires_grad_(True)
-    logits = model(x)
-    v = _projection(logits.shape[1], seed, logits.device)
-    (grads,) = torch.autograd.grad((logits.float() @ v).sum(), x)
-    return mean_pairwise_cosine(grads)
+    grads = []
+    for part in x.detach().split(chunk):
+        part = part.requires_grad_(True)
+        logits = model(part).float()
+        v = _projection(logits.shape[1], seed, logits.device)
+        grads.append(torch.autograd.grad(logits @ v, part, torch.ones(len(part), device=part.device))[0])
+    return torch.cat(grads)
+
+
+def input_gradient_correlation(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
+    """The mean cosine between the input-gradients of different images of `x` (unrelated images, not a walk)."""
+    return mean_pairwise_cosine(input_gradients(model, x, seed))
+
+
+def walk(starts: torch.Tensor, ends: torch.Tensor, points: int = WALK_POINTS, span: float = WALK_SPAN) -> torch.Tensor:
+    """`points` equally spaced inputs on each line from starts[i] toward ends[i], covering `span` of the way.
+
+    Shape (lines, points, *image); point 0 is the start image itself.
+    """
+    t = torch.linspace(0.0, span, points, device=starts.device).view(1, points, *([1] * (starts.dim() - 1)))
+    return starts.unsqueeze(1) + t * (ends - starts).unsqueeze(1)
+
+
+def cosines_by_lag(grads: torch.Tensor) -> list[float]:
+    """grads of shape (lines, points, …): the mean over lines and positions of cos(g_k, g_{k+lag}), lag = 1 … points−1."""
+    unit = F.normalize(grads.flatten(2).double(), dim=2)
+    points = unit.shape[1]
+    return [float((unit[:, :-lag] * unit[:, lag:]).sum(2).mean()) for lag in range(1, points)]
+
+
+def nearby_gradient_correlation(model: nn.Module, starts: torch.Tensor, ends: torch.Tensor, *, points: int = WALK_POINTS,
+                                span: float = WALK_SPAN, seed: int = 0) -> list[float]:
+    """Shattered gradients as Balduzzi et al. 2017 measure them: how alike ∂f/∂x is at nearby inputs.
+
+    Walks `points` steps along each line from starts[i] toward ends[i] (`span` of the way) and
+    returns the mean cosine between the input-gradients `lag` steps apart, for lag = 1 … points−1
+    (a step is span / (points − 1) of the distance between the two images). A smooth function
+    keeps them near 1 at every lag; shattered gradients are near 0 already at lag 1.
+    """
+    path = walk(starts, ends, points, span)
+    grads = input_gradients(model, path.flatten(0, 1), seed)
+    return cosines_by_lag(grads.view(*path.shape[:2], -1))
 
 
 def _block_outputs(refs: list[BlockRef], rows: dict[str, dict]) -> list:
@@ -311,32 +389,50 @@ def _weighted_layers(model: nn.Module) -> tuple[list, list[tuple[str, nn.Module]
     return [(m, called) for m in names], order
 
 
-def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, projection_seed: int = 0) -> ProbeResult:
-    """Gradient norms, block signals, branch sizes and shattering of `model` on one batch.
+def _last_conv(model: nn.Module, order: list[tuple[str, nn.Module]]) -> str:
+    """The last weighted layer the forward runs before the classifier, shortcut projections left out."""
+    projections = {m for ref in blocks(model) if getattr(ref.module, "shortcut", None) is not None
+                   for m in ref.module.shortcut.modules()}
+    hidden = [name for name, m in order if m is not model.classifier and m not in projections]
+    return hidden[-1]
+
+
+def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, projection_seed: int = 0,
+                walk_lines: int = WALK_LINES, walk_points: int = WALK_POINTS, walk_span: float = WALK_SPAN) -> ProbeResult:
+    """Gradient norms, block signals, branch sizes, logit scale and shattering of `model` on one batch.
 
     Train mode: BatchNorm normalises by this batch's statistics, exactly as in a training step, so
     the gradients are those SGD would take (eval mode at initialisation would normalise by the
     untouched running statistics 0 and 1, i.e. not at all). The input-gradients are taken with those
-    same statistics held fixed, so that each image's gradient is its own. Parameter `.grad`s, BN
-    running statistics and the train/eval mode are left as they were; the loss is the mean cross-entropy.
+    same statistics held fixed, so that each image's gradient is its own, as training's normalisation
+    sees it. The walks run between images 2i and 2i+1 of the batch, for the first `walk_lines` pairs.
+    Parameter `.grad`s, BN running statistics and the train/eval mode are left as they were; the loss
+    is the mean cross-entropy.
     """
     refs = blocks(model)
     rows = {ref.name: {"name": ref.name, "stage": ref.stage, "index": ref.index} for ref in refs}
     ratios = BranchRatios()
     layer_hooks, order = _weighted_layers(model)
     bn_hooks, seen = _batch_statistics(model)
+    lines = min(walk_lines, len(x) // 2)
     with _restored(model):
         model.train()
         with _hooks(layer_hooks + bn_hooks + _block_outputs(refs, rows)), _on_branches(model, ratios):
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         weights = [m.weight for _, m in order]
         grads = torch.autograd.grad(loss, weights)
         _freeze_batch_statistics(model, seen)
-        correlation = input_gradient_correlation(model, x, projection_seed)
+        unrelated = input_gradient_correlation(model, x, projection_seed)
+        nearby = nearby_gradient_correlation(model, x[0:2 * lines:2], x[1:2 * lines:2], points=walk_points,
+                                             span=walk_span, seed=projection_seed) if lines else []
     for ref, ratio in ratios.per_block().items():
         rows[ref.name]["branch_ratio"] = float(ratio)
     layers = {name: float(torch.linalg.vector_norm(g)) for (name, _), g in zip(order, grads)}
-    return ProbeResult(float(loss.detach()), layers, list(rows.values()), correlation)
+    relative = {name: _quotient(float(torch.linalg.vector_norm(g)), float(torch.linalg.vector_norm(m.weight.detach())))
+                for (name, m), g in zip(order, grads)}
+    return ProbeResult(float(loss.detach()), layers, relative, order[0][0], _last_conv(model, order), list(rows.values()),
+                       float(logits.detach().float().std()), nearby, unrelated)
 
 
 # ----------------------------------------------------------------------------- lesions
@@ -415,57 +511,135 @@ def lesion(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: in
 # ----------------------------------------------------------------------------- across depths
 
 
-def probe_row(arch: str, depth: int, result: ProbeResult) -> dict:
-    """One tidy row per net: what the depth plot needs."""
+def probe_row(arch: str, depth: int, result: ProbeResult, variant: str = "") -> dict:
+    """One tidy row per net: what the depth plot needs, plus the walk's correlation per lag (`nearby_by_lag`)."""
     norms = list(result.layers.values())
     ratios = [b["branch_ratio"] for b in result.blocks if "branch_ratio" in b]
-    return {"arch": arch, "depth": depth, "loss": result.loss, "grad_first": norms[0], "grad_last": norms[-1],
-            "grad_ratio": result.grad_ratio, "gradient_correlation": result.gradient_correlation,
+    nearby = result.nearby_by_lag
+    return {"arch": arch, "variant": variant, "depth": depth, "loss": result.loss, "logit_std": result.logit_std,
+            "grad_first": norms[0], "grad_last": norms[-1], "grad_ratio": result.grad_ratio,
+            "rel_grad_first_conv": result.relative[result.first_conv], "rel_grad_last_conv": result.relative[result.last_conv],
+            "rel_grad_ratio": result.rel_grad_ratio, "nearby_gradient_correlation": result.nearby_gradient_correlation,
+            "nearby_gradient_correlation_far": nearby[-1] if nearby else math.nan,
+            "unrelated_image_gradient_cosine": result.unrelated_image_gradient_cosine,
+            "gradient_correlation": result.unrelated_image_gradient_cosine,  # the same number under its former key
             "branch_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
-            "act_std_last": result.blocks[-1]["act_std"] if result.blocks else math.nan}
+            "act_std_last": result.blocks[-1]["act_std"] if result.blocks else math.nan,
+            "nearby_by_lag": list(nearby)}
+
+
+def variant_name(spec: NetSpec) -> str:
+    """What sets a net apart from the 2015 net, as cell ids write it (`norm=none-init=skipinit`); "" for none."""
+    return "-".join(f"{key}={value}" for key, value in spec.non_default())
 
 
 def probe_depths(archs: Sequence[str], depths: Sequence[int], *, batch: tuple[torch.Tensor, torch.Tensor],
-                 seed: int, device: torch.device | str = "cpu") -> pd.DataFrame:
-    """Fresh nets at initialisation (`models.build_model`, weights from `seed`) probed on one batch.
+                 seed: int, device: torch.device | str = "cpu", variants: Sequence[dict] = ({},)) -> pd.DataFrame:
+    """Fresh nets at initialisation (`models.build_net`, weights from `seed`) probed on one batch.
 
-    The global RNG is left as it was, so probing does not shift a later training run's draws.
+    One row per arch × variant × depth; `variants` are NetSpec options (`{}` is the 2015 net,
+    `{"norm": "none", "init": "skipinit"}` an ablation). A variant that names no net for an arch
+    (skipinit on a plain net) is left out for that arch. The global RNG is left as it was, so
+    probing does not shift a later training run's draws.
     """
     x, y = (t.to(device) for t in batch)
     rows = []
     for arch in archs:
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
-        for depth in depths:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = models.build_model(arch, depth).to(device)
-            rows.append(probe_row(arch, depth, probe_model(model, x, y)))
-    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+        for options in variants:
+            for depth in depths:
+                spec = NetSpec(arch, depth, **options)
+                if net_spec_error(spec):
+                    continue
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    model = models.build_net(spec).to(device)
+                rows.append(probe_row(arch, depth, probe_model(model, x, y), variant_name(spec.canonical())))
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS + ["nearby_by_lag"])
 
 
-PANELS = (("grad_ratio", "‖∂L/∂W‖ first / last layer", True),
-          ("gradient_correlation", "input-gradient correlation", False),
+def decay_table(frame: pd.DataFrame, points: int = WALK_POINTS, span: float = WALK_SPAN) -> pd.DataFrame:
+    """The walk's correlation per lag, one row per net and lag; `distance` is the lag as a fraction of the way between the two images."""
+    step = span / (points - 1)
+    rows = [{"arch": r.arch, "variant": r.variant, "depth": r.depth, "lag": lag, "distance": lag * step, "correlation": c}
+            for r in frame.itertuples() for lag, c in enumerate(r.nearby_by_lag, start=1)]
+    return pd.DataFrame(rows, columns=["arch", "variant", "depth", "lag", "distance", "correlation"])
+
+
+@dataclass(frozen=True)
+class ProbeSource:
+    """What a probe measured on: every output names it, so synthetic numbers never pass for CIFAR-10's."""
+
+    data: str  # "real CIFAR-10 from PATH" or the synthetic warning
+    batch_size: int
+    seed: int
+    bn_mode: str = BN_MODE
+    walk: str = (f"{WALK_LINES} lines between two images of the batch, {WALK_POINTS} points over "
+                 f"1/{round(1 / WALK_SPAN)} of the way; f = a fixed random projection of the logits")
+
+    @classmethod
+    def of(cls, path: Optional[str], batch_size: int, seed: int) -> ProbeSource:
+        data = f"real CIFAR-10 from {path}" if path else "SYNTHETIC images (no --data given): not CIFAR-10, not evidence"
+        return cls(data, batch_size, seed)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data.startswith("SYNTHETIC")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"data": self.data, "batch_size": self.batch_size, "seed": self.seed, "bn_mode": self.bn_mode, "walk": self.walk}
+
+    def line(self) -> str:
+        return f"{self.data}; batch {self.batch_size}, seed {self.seed}; {self.bn_mode}"
+
+
+PANELS = (("nearby_gradient_correlation", "nearby-input gradient correlation (lag 1)", False),
+          (None, "correlation vs distance along the walk", False),
+          ("rel_grad_ratio", "(‖∂L/∂W‖/‖W‖) first conv / last conv", True),
+          ("logit_std", "s.d. of the logits", True),
           ("branch_ratio", "mean RMS F(x) / RMS x", False),
-          ("act_std_last", "std of the last block's output", True))
+          ("unrelated_image_gradient_cosine", "cosine of unrelated images' input-gradients", False))
 ARCH_STYLE = {"plain": ("plain", "tab:red"), "residual": ("ResNet", "tab:blue")}
 
 
-def probe_figure(frame: pd.DataFrame) -> Figure:
-    """Plain vs ResNet against depth, one panel per measure (a `probe_depths` frame)."""
+def _label(arch: str, variant: str) -> str:
+    name = ARCH_STYLE.get(arch, (arch, None))[0]
+    return f"{name} [{variant}]" if variant else name
+
+
+def probe_figure(frame: pd.DataFrame, source: Optional[ProbeSource] = None) -> Figure:
+    """Plain vs ResNet (and any variants) against depth, one panel per measure, and the walk's decay per depth."""
     from matplotlib.figure import Figure  # here, not at import: training imports this module for training_dynamics
 
-    fig = Figure(figsize=(14, 3.6), layout="constrained")
-    for ax, (column, title, log) in zip(fig.subplots(1, len(PANELS)), PANELS):
-        for arch, rows in frame.sort_values("depth").groupby("arch", sort=False):
-            label, colour = ARCH_STYLE.get(arch, (arch, None))
-            ax.plot(rows["depth"], rows[column], "o-", label=label, color=colour)
+    fig = Figure(figsize=(15, 7.5), layout="constrained")
+    axes = fig.subplots(2, 3).flatten()
+    styles = ["-", "--", ":", "-."]  # one per variant, in the order they were probed; the colour says the arch
+    variants = list(dict.fromkeys(frame["variant"]))
+    for ax, (column, title, log) in zip(axes, PANELS):
+        for (arch, variant), rows in frame.sort_values("depth").groupby(["arch", "variant"], sort=False):
+            colour = ARCH_STYLE.get(arch, (arch, None))[1]
+            if column is None:  # the decay: base nets only, one line per depth, deeper = fainter
+                if variant:
+                    continue
+                for j, row in enumerate(rows.itertuples()):
+                    lags = range(1, len(row.nearby_by_lag) + 1)
+                    ax.plot(lags, row.nearby_by_lag, "o-", ms=2, color=colour, alpha=1 - 0.7 * j / max(len(rows) - 1, 1),
+                            label=f"{_label(arch, variant)}-{row.depth}")
+                ax.set_xlabel("lag (steps along the walk)")
+                continue
+            values = rows[column].where(rows[column].abs() != math.inf) if log else rows[column]
+            ax.plot(rows["depth"], values, "o" + styles[variants.index(variant) % len(styles)], label=_label(arch, variant),
+                    color=colour)
+            ax.set_xlabel("depth (layers)")
         if log:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("depth (layers)")
         ax.grid(alpha=0.3)
-    fig.axes[0].legend()
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=6, ncol=2)
+    heading = "at initialisation" + (f" — {source.line()}" if source else "")
+    fig.suptitle(heading, fontsize=10, color="tab:red" if source and source.synthetic else "black")
     return fig
 
 

@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import files
+from .ablation import ABLATION_FIGURE, ablation_figure, ablation_markdown, judge_ablations
 from .config import Cell, ConfigError, parse_config
 from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
@@ -54,6 +55,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # what the report could not read and what it did instead
     ran: list[dict[str, Any]] = field(default_factory=list)  # how the ended cells ran: device, precision, layout, execution
     dynamics: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (arch, depth, variant, epoch): mean of dynamics.csv
+    ablations: list[dict[str, Any]] = field(default_factory=list)  # per variant: its depth effect against its baseline's (ablation.py)
 
 
 @dataclass
@@ -315,13 +317,14 @@ def build_report(results_dir: Path) -> Report:
     results = ResultsFolder(results_dir)
     name, expected, notes = _expected_cells(results)
     records = _read_cells(results, expected)
-    rows = _aggregate(_cell_frame(records))
+    cells = _cell_frame(records)
     judged_before, look_notes = _judged_before(results)
     verdict = compute_verdict(_verdict_cells(records), judged_before)
     _record_look(results, verdict, judged_before)
     notes += look_notes
-    return Report(name=name or results_dir.name, rows=rows, verdict=verdict,
-                  missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records), dynamics=_dynamics(records))
+    return Report(name=name or results_dir.name, rows=_aggregate(cells), verdict=verdict,
+                  missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records),
+                  dynamics=_dynamics(records), ablations=judge_ablations(cells))
 
 
 # ----------------------------------------------------------------------------- words and tables
@@ -467,7 +470,8 @@ def _json_safe(value: Any) -> Any:
 def report_json(report: Report) -> dict[str, Any]:
     """The report as JSON-able data (json.dumps works on it with allow_nan=False)."""
     return _json_safe({"name": report.name, "rows": report.rows.to_dict(orient="records"),
-                       "verdict": report.verdict, "missing": report.missing, "notes": report.notes, "ran": report.ran})
+                       "verdict": report.verdict, "missing": report.missing, "notes": report.notes, "ran": report.ran,
+                       "ablations": report.ablations})
 
 
 def report_markdown(report: Report) -> str:
@@ -485,6 +489,8 @@ def report_markdown(report: Report) -> str:
     text += ["", "## Verdict", "", f"**{verdict_headline(verdict)}**", ""]
     text += [f"- {line}" for line in _verdict_lines(verdict)]
     text += ["", f"Rule: {verdict['rule']}", ""]
+    if report.ablations:  # ablation.py: each variant against its baseline
+        text += ["## Ablations", "", ablation_markdown(report.ablations), f"![Ablations: shallowest vs deepest]({ABLATION_FIGURE})", ""]
     if report.missing:
         text += ["## Missing", "", "Not in the means above:", ""]
         text += [f"- {_missing_line(entry)}" for entry in report.missing] + [""]
@@ -665,6 +671,10 @@ def write_report(report: Report, results_dir: Path) -> list[Path]:
     if dynamics is not None:
         _write_png(results.dynamics_figure, dynamics)
         written.append(results.dynamics_figure)
+    ablations = ablation_figure(report.ablations)
+    if ablations is not None:
+        _write_png(Path(results_dir) / ABLATION_FIGURE, ablations)
+        written.append(Path(results_dir) / ABLATION_FIGURE)
     return written
 
 
@@ -690,6 +700,8 @@ def print_report(report: Report, console: Console) -> None:
         console.print(f"[bold]Missing[/] ({count} cell{'s' if count > 1 else ''}, not in the means):")
         for entry in report.missing:
             console.print(f"  {escape(_missing_line(entry))}")
+    for row in report.ablations:
+        console.print(f"ablation {ARCH_LABELS.get(row['arch'], row['arch'])} [{escape(row['variant'])}]: {escape(row['reading'])}")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     for entry in report.ran:

@@ -65,6 +65,10 @@ def test_a_sweep_over_an_axis_reports_each_value_as_its_own_row(cli, tmp_path: P
         train={"epochs": 1, "batch_size": 64}, grid={"arch": ["plain", "residual"], "depth": [8], "seed": [0], "block": ["post", "pre"]}))
     result = cli("sweep", config, "--out", tmp_path / "out", "--jobs", "1")
     assert result.exit_code == 0, result.output
-    rows = json.loads(cli("report", tmp_path / "out", "--format", "json").stdout)["rows"]
-    assert sorted((r["arch"], r["variant"]) for r in rows) == [("plain", ""), ("plain", "block=pre"),
-                                                                ("residual", ""), ("residual", "block=pre")]
+    report = json.loads(cli("report", tmp_path / "out", "--format", "json").stdout)
+    assert sorted((r["arch"], r["variant"]) for r in report["rows"]) == [("plain", ""), ("plain", "block=pre"),
+                                                                          ("residual", ""), ("residual", "block=pre")]
+    # each variant is judged against its baseline; one depth gives no depth effect to compare
+    assert sorted((a["arch"], a["variant"], a["n_seeds"]) for a in report["ablations"]) == [("plain", "block=pre", 0),
+                                                                                             ("residual", "block=pre", 0)]
+    assert all(a["reading"].startswith("no comparison") for a in report["ablations"])

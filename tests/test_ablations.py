@@ -98,7 +98,7 @@ def test_every_net_keeps_the_probe_contract(family: str, arch: str, block: str, 
     for block_ in blocks(net):
         assert (block_.shortcut is None) == (arch == "plain")
         assert block_.shortcut_scale == (1.0 if arch == "residual" else 0.0)
-        assert block_.residual_branch(h).shape == block_(h).shape
+        assert block_.residual_branch(block_.preactivate(h)).shape == block_(h).shape
         h = block_(h)
     projections = sum(len(weighted_layers(b.shortcut)) for b in blocks(net) if b.shortcut is not None)
     assert len(weighted_layers(net)) - projections == 8
@@ -170,7 +170,7 @@ def through_shortcuts(net: CifarNet, x: torch.Tensor) -> torch.Tensor:
     """What the net computes when every block is replaced by its shortcut."""
     h = net.stem(x)
     for block in blocks(net):
-        h = block.shortcut(h)
+        h = block.shortcut(block.preactivate(h))
     return net.classifier(net.pool(net.final_norm(h)))
 
 
@@ -180,7 +180,7 @@ def test_zero_gamma_makes_every_residual_block_its_shortcut_at_init(family: str,
     x = images()
     h = net.stem(x)
     for block_ in blocks(net):
-        assert torch.count_nonzero(block_.residual_branch(h)) == 0
+        assert torch.count_nonzero(block_.residual_branch(block_.preactivate(h))) == 0
         if isinstance(block_.shortcut, nn.Identity):
             assert torch.equal(block_(h.relu()), h.relu())  # post-ReLU activations are non-negative
         h = block_(h)
@@ -196,13 +196,95 @@ def test_zero_gamma_makes_the_first_stage_the_identity_and_only_stage_entries_ch
     assert len(pads) == 2  # entering stages 2 and 3: the only blocks that are not the identity
 
 
-def test_zero_gamma_zeroes_only_the_last_gamma_of_each_branch() -> None:
+def test_zero_gamma_zeroes_only_the_last_gamma_of_each_post_branch() -> None:
     net = build_net(NetSpec("residual", 8, shortcut="B", init="zero_gamma"))
     for block in residual_blocks(net):
         assert torch.count_nonzero(block.bn2.weight) == 0
         assert torch.all(block.bn1.weight == 1)
         if isinstance(block.shortcut, ProjectionShortcut):
             assert torch.all(block.shortcut[1].weight == 1)
+
+
+def test_zero_gamma_in_a_pre_block_zeroes_the_last_conv_and_leaves_every_gamma_at_one() -> None:
+    """The last BN of a pre-activation branch feeds a ReLU: a zero γ there would stop every gradient of the branch."""
+    net = build_net(NetSpec("residual", 8, block="pre", init="zero_gamma"))
+    for block in residual_blocks(net):
+        assert torch.count_nonzero(block.conv2.weight) == 0
+        assert torch.count_nonzero(block.conv1.weight) > 0
+        assert all(torch.all(m.weight == 1) for m in block.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+BRANCH_INITS = ("he", "zero_gamma", "delta_orthogonal", "skipinit")
+
+
+def branch_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter of a block outside its shortcut: the weighted layers, norms and α of the residual branch."""
+    return {name: p for name, p in block.named_parameters() if not name.startswith("shortcut.")}
+
+
+def one_sgd_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+
+
+@pytest.mark.parametrize("block, init, norm", [c for c in itertools.product(BLOCKS, BRANCH_INITS, NORMS)
+                                                if net_spec_error(NetSpec("residual", 8, block=c[0], init=c[1], norm=c[2])) is None])
+def test_every_branch_parameter_learns_after_one_step_for_every_block_and_init(block: str, init: str, norm: str) -> None:
+    torch.manual_seed(0)
+    net = build_net(NetSpec("residual", 8, block=block, init=init, norm=norm))
+    one_sgd_step(net, images(8), torch.arange(8) % NUM_CLASSES)
+    for index, block_ in enumerate(blocks(net)):
+        for name, parameter in branch_parameters(block_).items():
+            assert parameter.grad is not None and torch.count_nonzero(parameter.grad) > 0, f"block {index}: {name}"
+
+
+def test_a_zero_gamma_in_front_of_a_relu_would_stop_the_branch_for_good() -> None:
+    """Why the pre block zeroes its last conv: the γ the post block zeroes is, in a pre block, followed by a ReLU."""
+    torch.manual_seed(0)
+    net = build_net(NetSpec("residual", 8, block="pre"))
+    with torch.no_grad():
+        for block in residual_blocks(net):
+            block.bn2.weight.zero_()
+    one_sgd_step(net, images(8), torch.arange(8) % NUM_CLASSES)
+    assert all(torch.count_nonzero(block.conv1.weight.grad) == 0 for block in residual_blocks(net))
+
+
+@pytest.mark.parametrize("init", ["zero_gamma", "skipinit"])
+def test_inits_that_zero_a_branch_need_a_residual_net(init: str) -> None:
+    problem = net_spec_error(NetSpec("plain", 8, init=init))
+    assert problem is not None and init in problem and "residual" in problem
+
+
+# --- SkipInit: residual nets without BatchNorm --------------------------------------------------------------------
+
+
+def logit_std(spec: NetSpec) -> float:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return float(build_net(spec)(images(32)).std())
+
+
+def test_skipinit_keeps_the_logits_of_a_resnet_without_batchnorm_finite_at_depth() -> None:
+    shallow, deep = (logit_std(NetSpec("residual", d, norm="none", init="skipinit")) for d in (8, 110))
+    assert 1 / 4 < deep / shallow < 4
+    he_shallow, he_deep = (logit_std(NetSpec("residual", d, norm="none")) for d in (8, 110))
+    assert he_deep / he_shallow > 1e3  # what it prevents: He init without BN doubles the signal's variance per block
+
+
+def test_skipinit_starts_every_branch_at_alpha_zero_with_one_parameter_per_block() -> None:
+    net = build_net(NetSpec("residual", 8, norm="none", init="skipinit"))
+    x = images()
+    h = net.stem(x)
+    for block in residual_blocks(net):
+        assert block.branch_scale is not None and float(block.branch_scale.detach()) == 0.0
+        assert torch.count_nonzero(block.residual_branch(block.preactivate(h))) == 0
+        h = block(h)
+    assert torch.equal(net(x), through_shortcuts(net, x))
+    assert count_params(net) == count_params(build_net(NetSpec("residual", 8, norm="none"))) + len(residual_blocks(net))
 
 
 def assert_orthogonal(matrix: torch.Tensor, gain: float) -> None:
@@ -264,12 +346,82 @@ def test_a_pre_block_adds_without_a_relu_after_the_add() -> None:
     assert torch.equal(block(x), torch.full_like(x, -0.5))
 
 
-def test_a_pre_net_normalises_before_pooling_and_leaves_the_stem_unnormalised() -> None:
-    pre, post = build_net(NetSpec("residual", 8, block="pre")), build_net(NetSpec("residual", 8))
-    assert [type(m) for m in pre.final_norm] == [nn.BatchNorm2d, nn.ReLU]
-    assert isinstance(post.final_norm, nn.Identity)
-    assert [type(m) for m in pre.stem] == [nn.Conv2d]
-    assert all(isinstance(b, PreBlock) for b in blocks(pre)) and all(isinstance(b, PostBlock) for b in blocks(post))
+def call_order(net: nn.Module, x: torch.Tensor, kinds=(nn.Conv2d, nn.BatchNorm2d, PadShortcut)) -> list[str]:
+    """The names of the convs, norms and pad shortcuts in the order the forward calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda m, i, o, name=name: order.append(name))
+               for name, m in net.named_modules() if isinstance(m, kinds)]
+    net(x)
+    for h in handles:
+        h.remove()
+    return order
+
+
+def test_the_pre_net_has_the_layer_order_of_the_reference_preresnet() -> None:
+    """fb.resnet.torch preresnet.lua: stem conv-BN-ReLU; stage 1's first block starts at its conv; where the shape
+    changes BN-ReLU comes before the split (the shortcut sees it); elsewhere it opens the branch; BN-ReLU before pooling."""
+    net = build_net(NetSpec("residual", 14, block="pre"))
+    assert [type(m) for m in net.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert [type(m) for m in net.final_norm] == [nn.BatchNorm2d, nn.ReLU]
+    assert [[b.preact for b in stage] for stage in net.stages] == [["none", "branch"], ["shared", "branch"], ["shared", "branch"]]
+    assert isinstance(net.stages[0][0].bn1, nn.Identity)
+    assert call_order(net, images()) == [
+        "stem.0", "stem.1",
+        "stages.0.0.conv1", "stages.0.0.bn2", "stages.0.0.conv2",
+        "stages.0.1.bn1", "stages.0.1.conv1", "stages.0.1.bn2", "stages.0.1.conv2",
+        "stages.1.0.bn1", "stages.1.0.conv1", "stages.1.0.bn2", "stages.1.0.conv2", "stages.1.0.shortcut",
+        "stages.1.1.bn1", "stages.1.1.conv1", "stages.1.1.bn2", "stages.1.1.conv2",
+        "stages.2.0.bn1", "stages.2.0.conv1", "stages.2.0.bn2", "stages.2.0.conv2", "stages.2.0.shortcut",
+        "stages.2.1.bn1", "stages.2.1.conv1", "stages.2.1.bn2", "stages.2.1.conv2",
+        "final_norm.0"]
+
+
+def test_where_the_shape_changes_the_pre_nets_shortcut_carries_the_activated_input() -> None:
+    net = build_net(NetSpec("residual", 8, block="pre"))
+    seen: dict[str, torch.Tensor] = {}
+    entry, transition = net.stages[0][0], net.stages[1][0]
+    handles = [transition.shortcut.register_forward_hook(lambda m, i, o: seen.update(shortcut_input=i[0])),
+               transition.register_forward_hook(lambda m, i, o: seen.update(block_input=i[0])),
+               entry.conv1.register_forward_hook(lambda m, i, o: seen.update(first_conv_input=i[0])),
+               net.stem.register_forward_hook(lambda m, i, o: seen.update(stem_output=o))]
+    net(images())
+    for h in handles:
+        h.remove()
+    assert torch.equal(seen["shortcut_input"], transition.bn1(seen["block_input"]).relu())  # BN and ReLU before the split
+    assert torch.equal(seen["first_conv_input"], seen["stem_output"])  # the stem's BN-ReLU is the first block's
+
+
+def post_to_pre_names(net: CifarNet) -> dict[str, str]:
+    """Module names of a plain post net → the same layer in the plain pre net: a post block's bn1 is the pre
+    block's bn2, and its bn2 (after conv2) is the next pre block's bn1, or the final norm after the last block."""
+    names = [f"stages.{s}.{b}" for s, stage in enumerate(net.stages) for b in range(len(stage))]
+    mapping = {"stem.0": "stem.0", "stem.1": "stem.1", "classifier": "classifier"}
+    for index, name in enumerate(names):
+        following = f"{names[index + 1]}.bn1" if index + 1 < len(names) else "final_norm.0"
+        mapping.update({f"{name}.conv1": f"{name}.conv1", f"{name}.conv2": f"{name}.conv2",
+                        f"{name}.bn1": f"{name}.bn2", f"{name}.bn2": following})
+    return mapping
+
+
+def test_a_plain_pre_net_is_the_plain_post_net_with_its_norms_renamed() -> None:
+    """For a plain net the two block orders are the same conv-BN-ReLU sequence: one network, identical numbers."""
+    torch.manual_seed(0)
+    post, pre = build_net(NetSpec("plain", 14)), build_net(NetSpec("plain", 14, block="pre"))
+    mapping = post_to_pre_names(post)
+    state = {}
+    for key, value in post.state_dict().items():
+        module, attribute = key.rsplit(".", 1)
+        state[f"{mapping[module]}.{attribute}"] = value
+    pre.load_state_dict(state, strict=True)
+    x = images(8)
+    with torch.no_grad():
+        assert torch.allclose(pre(x), post(x), atol=1e-5)  # train mode: the same batch statistics at the same places
+
+
+def test_a_pre_block_normalises_its_input_width_unless_its_input_is_already_activated() -> None:
+    assert isinstance(PreBlock(16, 16, preact="none").bn1, nn.Identity)
+    with pytest.raises(ValueError, match="preact"):
+        PreBlock(16, 16, preact="both")
 
 
 def test_a_pre_block_normalises_its_input_width() -> None:

@@ -75,16 +75,74 @@ def outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_a_linear_net_has_perfectly_correlated_input_gradients(residual: bool) -> None:
+def test_a_linear_net_has_perfectly_correlated_input_gradients_at_every_distance(residual: bool) -> None:
     torch.manual_seed(0)
     net = LinearNet(residual)
     x, y = torch.randn(32, 5), torch.randint(0, 4, (32,))
-    assert probe.probe_model(net, x, y).gradient_correlation == pytest.approx(1.0, abs=1e-6)
+    result = probe.probe_model(net, x, y)
+    assert len(result.nearby_by_lag) == probe.WALK_POINTS - 1
+    assert result.nearby_by_lag == pytest.approx([1.0] * (probe.WALK_POINTS - 1), abs=1e-9)
+    assert result.unrelated_image_gradient_cosine == pytest.approx(1.0, abs=1e-6)
+
+
+class HalfSquare(nn.Module):
+    """f(x) = ‖x‖²/2 as a one-logit net: its input-gradient is ±x, so the cosines along a walk are known."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x.flatten(1).pow(2).sum(1, keepdim=True)
+
+
+def test_the_walk_compares_gradients_lag_steps_apart_along_the_line() -> None:
+    start, end = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 4.0]])  # the walk goes up from (1, 0)
+    by_lag = probe.nearby_gradient_correlation(HalfSquare(), start, end, points=3, span=0.5)
+    # points (1, 0), (1, 1), (1, 2); gradients are the points themselves
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(torch.tensor(a), torch.tensor(b), dim=0))
+    lag1 = (cos([1.0, 0.0], [1.0, 1.0]) + cos([1.0, 1.0], [1.0, 2.0])) / 2
+    assert by_lag == pytest.approx([lag1, cos([1.0, 0.0], [1.0, 2.0])])
+
+
+def test_a_walk_starts_at_the_first_image_and_covers_its_span() -> None:
+    start, end = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    path = probe.walk(start, end, points=5, span=0.25)
+    assert path.shape == (2, 5, 3, 4, 4)
+    assert torch.equal(path[:, 0], start) and torch.allclose(path[:, -1], torch.full_like(start, 0.25))
 
 
 def test_a_relu_net_at_depth_has_less_correlated_input_gradients_than_a_linear_one() -> None:
     x, y = cifar_batch()
-    assert probe.probe_model(seeded("plain", 20), x, y).gradient_correlation < 0.9
+    result = probe.probe_model(seeded("plain", 20), x, y, walk_lines=2)  # two lines keep the test fast
+    assert result.unrelated_image_gradient_cosine < 0.9
+    assert result.nearby_gradient_correlation < 0.999
+    assert result.nearby_by_lag[-1] < result.nearby_by_lag[0]  # farther apart, less alike
+
+
+def test_relative_gradients_compare_the_first_conv_with_the_last_conv_not_the_classifier() -> None:
+    net = seeded("residual", 8)
+    result = probe.probe_model(net, *cifar_batch())
+    assert result.first_conv == "stem.0" and result.last_conv == "stages.2.0.conv2"
+    assert result.relative["stem.0"] == pytest.approx(result.layers["stem.0"] / float(net.stem[0].weight.detach().norm()))
+    assert result.rel_grad_ratio == pytest.approx(result.relative["stem.0"] / result.relative["stages.2.0.conv2"])
+
+
+def test_under_batchnorm_scaling_a_conv_scales_its_gradient_inversely_but_not_its_relative_gradient() -> None:
+    """Why the relative measure: BN makes the net invariant to a conv's scale, so ‖∂L/∂W‖ ∝ 1/‖W‖."""
+    x, y = cifar_batch()
+    net = seeded("plain", 8)
+    before = probe.probe_model(net, x, y)
+    with torch.no_grad():
+        net.stem[0].weight.mul_(10)
+    after = probe.probe_model(net, x, y)
+    assert after.layers["stem.0"] == pytest.approx(before.layers["stem.0"] / 10, rel=1e-2)  # up to BN's eps
+    assert after.relative["stem.0"] == pytest.approx(before.relative["stem.0"] / 100, rel=1e-2)
+    assert after.nearby_by_lag == pytest.approx(before.nearby_by_lag, abs=1e-4)
+
+
+def test_the_logit_scale_is_the_std_of_the_logits_on_the_batch() -> None:
+    net, (x, y) = seeded("residual", 8), cifar_batch()
+    net.train()
+    with torch.no_grad():
+        expected = float(net(x).std())
+    assert probe.probe_model(net, x, y).logit_std == pytest.approx(expected, rel=1e-6)
 
 
 def test_mean_pairwise_cosine_counts_only_pairs_of_different_images() -> None:
@@ -98,8 +156,8 @@ def test_input_gradients_are_per_image_although_batchnorm_uses_batch_statistics(
     """Each image's gradient must not depend on the rest of the batch (BN's statistics held fixed)."""
     net = seeded("plain", 8)
     x, y = cifar_batch(8)
-    whole = probe.probe_model(net, x, y).gradient_correlation
-    halves_swapped = probe.probe_model(net, torch.cat([x[4:], x[:4]]), torch.cat([y[4:], y[:4]])).gradient_correlation
+    whole = probe.probe_model(net, x, y).unrelated_image_gradient_cosine
+    halves_swapped = probe.probe_model(net, torch.cat([x[4:], x[:4]]), torch.cat([y[4:], y[:4]])).unrelated_image_gradient_cosine
     assert whole == pytest.approx(halves_swapped, abs=1e-6)
 
 
@@ -245,11 +303,25 @@ def test_plain_blocks_that_change_shape_are_not_removable() -> None:
 
 def test_probe_depths_gives_one_tidy_row_per_net_and_a_figure() -> None:
     frame = probe.probe_depths(["plain", "residual"], [8, 14], batch=cifar_batch(8), seed=0)
-    assert list(frame.columns) == probe.PROBE_COLUMNS
+    assert list(frame.columns) == probe.PROBE_COLUMNS + ["nearby_by_lag"]
     assert list(zip(frame["arch"], frame["depth"])) == [("plain", 8), ("plain", 14), ("residual", 8), ("residual", 14)]
-    assert frame.drop(columns=["arch"]).notna().all().all()
-    fig = probe.probe_figure(frame)
+    assert frame.drop(columns=["arch", "variant"]).notna().all().all()
+    assert (frame["gradient_correlation"] == frame["unrelated_image_gradient_cosine"]).all()  # the former key, kept
+    source = probe.ProbeSource.of(None, 8, 0)
+    fig = probe.probe_figure(frame, source)
     assert isinstance(fig, Figure) and len(fig.axes) == len(probe.PANELS)
+    assert "SYNTHETIC" in fig._suptitle.get_text() and "batch 8, seed 0" in fig._suptitle.get_text()
+    decay = probe.decay_table(frame)
+    assert len(decay) == 4 * (probe.WALK_POINTS - 1)
+    assert decay["distance"].max() == pytest.approx(probe.WALK_SPAN)
+
+
+def test_probe_depths_probes_each_variant_a_net_accepts() -> None:
+    variants = [{}, {"norm": "none", "init": "skipinit"}]
+    frame = probe.probe_depths(["plain", "residual"], [8], batch=cifar_batch(8), seed=0, variants=variants)
+    assert list(zip(frame["arch"], frame["variant"])) == [("plain", ""), ("residual", ""), ("residual", "init=skipinit-norm=none")]
+    skipinit = frame[frame.variant != ""].iloc[0]
+    assert skipinit["branch_ratio"] == 0.0 and skipinit["logit_std"] > 0
 
 
 def test_probe_depths_builds_the_same_nets_for_the_same_seed_and_leaves_the_global_rng_alone() -> None:

@@ -20,7 +20,32 @@ def test_probe_prints_one_row_per_net_and_writes_its_table_and_figure(cli, tmp_p
     rows = json.loads(result.stdout)
     assert sorted((r["arch"], r["depth"]) for r in rows) == [("plain", 8), ("plain", 14), ("residual", 8), ("residual", 14)]
     assert all(r["grad_first"] > 0 and r["grad_last"] > 0 for r in rows)
+    assert all(len(r["nearby_by_lag"]) == 15 and 0 < r["nearby_gradient_correlation"] <= 1 for r in rows)
     assert (tmp_path / "probe.csv").is_file() and (tmp_path / "probe.png").stat().st_size > 0
+    assert (tmp_path / "shattering.csv").read_text().startswith("arch,variant,depth,lag,distance,correlation")
+
+
+def test_every_probe_output_names_its_data_batch_seed_and_batchnorm_mode(cli, tmp_path: Path) -> None:
+    json_rows = json.loads(cli("probe", "--depth", "8", "--arch", "plain", "--batch-size", "8", "--seed", "3", "--out", tmp_path,
+                               "--format", "json").stdout)
+    assert all(r["data"].startswith("SYNTHETIC") and r["batch_size"] == 8 and r["seed"] == 3 and "train-mode" in r["bn_mode"]
+               for r in json_rows)
+    text = cli("probe", "--depth", "8", "--arch", "plain", "--batch-size", "8", "--out", tmp_path)
+    assert "SYNTHETIC" in text.stdout and "batch 8, seed 0" in text.stdout and "train-mode BatchNorm" in text.stdout
+    assert text.stderr.startswith("warning: SYNTHETIC")  # said loudly, where a redirected table would not hide it
+    markdown = cli("probe", "--depth", "8", "--arch", "plain", "--batch-size", "8", "--out", tmp_path, "--format", "markdown")
+    assert markdown.stdout.startswith("At initialisation, on SYNTHETIC images")
+    assert "SYNTHETIC" in (tmp_path / "probe.csv").read_text().splitlines()[1]
+
+
+def test_probe_takes_ablation_variants_and_refuses_impossible_ones(cli, tmp_path: Path) -> None:
+    result = cli("probe", "--depth", "8", "--batch-size", "8", "--variant", "norm=none,init=skipinit", "--out", tmp_path, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [(r["arch"], r["variant"]) for r in json.loads(result.stdout)] == [("plain", ""), ("residual", ""),
+                                                                               ("residual", "init=skipinit-norm=none")]
+    for bad in ("norm=layer", "width=3", "init=zero_gamma,norm=none"):
+        refused = cli("probe", "--variant", bad, "--out", tmp_path)
+        assert refused.exit_code == 2 and refused.stderr.startswith("error: --variant") and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_probe_refuses_an_unknown_arch_or_depth_with_a_one_line_error(cli, tmp_path: Path) -> None:
