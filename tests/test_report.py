@@ -310,7 +310,7 @@ def complete(full) -> Path:
 def test_report_json_is_json_with_the_documented_keys(full):
     data = report_json(build_report(full))
     text = json.dumps(data, allow_nan=False)
-    assert set(data) == {"name", "rows", "verdict", "missing", "notes", "ran"}
+    assert set(data) == {"name", "rows", "verdict", "missing", "notes", "ran", "ablations"}
     assert {"arch", "depth", "variant", "n_seeds", "train_err", "train_err_std", "clean_train_err",
             "clean_train_err_std", "test_err", "test_err_std", "epochs", "paper_test_err"} <= set(data["rows"][0])
     assert {"plain_degrades", "residual_degrades", "reproduced", "details", "rule"} <= set(data["verdict"])
