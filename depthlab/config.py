@@ -170,6 +170,7 @@ class Cell:
             "data": self.data.identity(),
             "tags": dict(self.tags),
             **({"net": dict(self.net)} if self.net else {}),  # absent for the 2015 net: its fingerprints stay as they were
+            **({"net_revision": PREACT_REVISION} if self.arch == "residual" and dict(self.net).get("block") == "pre" else {}),
         }
 
     def net_spec(self) -> NetSpec:
@@ -181,6 +182,12 @@ class Cell:
         science = {k: v for k, v in self.to_dict().items() if k not in ("id", "tags")}
         text = json.dumps(science, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# The residual pre-activation net changed to follow He et al. 2016's reference code (BN-ReLU after the stem and
+# before the split where the shape changes; zero_gamma zeroes the last conv): results and checkpoints of the
+# earlier layer order are a different net, so they count as stale rather than resuming into the new one.
+PREACT_REVISION = 2
 
 
 @dataclass(frozen=True)

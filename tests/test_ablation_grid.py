@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -32,6 +33,15 @@ def test_the_2015_nets_keep_their_names_and_fingerprints() -> None:
     cell = parse_config(ablation_sweep(init=["he"], block=["post"], norm=["bn"])).cells[0]
     assert cell.id == "residual-8-s0" and "net" not in cell.to_dict()
     assert cell.fingerprint() == parse_config(ablation_sweep()).cells[0].fingerprint()
+
+
+def test_residual_pre_activation_cells_of_the_old_layer_order_are_stale() -> None:
+    """The pre-activation ResNet now follows the 2016 reference code: a cell trained as the earlier net must not resume
+    into it. Its fingerprint carries the net's revision; the plain pre net (the same layers as post) keeps its own."""
+    pre, plain_pre = parse_config(tiny_sweep(grid={"arch": ["residual", "plain"], "depth": [8], "seed": [0], "block": ["pre"]})).cells
+    assert pre.to_dict()["net_revision"] >= 2 and "net_revision" not in plain_pre.to_dict()
+    earlier = {k: v for k, v in pre.to_dict().items() if k not in ("id", "tags", "net_revision")}
+    assert pre.fingerprint() != hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_a_cell_trains_the_net_its_options_name() -> None:
