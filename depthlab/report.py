@@ -28,6 +28,7 @@ from .config import Cell, ConfigError, parse_config
 from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
 from .paper import CITATION, paper_test_error
+from .results import provenance, provenance_line, write_tables
 from .verdict import base_cell_key, decide
 
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
@@ -52,6 +53,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # what the report could not read and what it did instead
     ran: list[dict[str, Any]] = field(default_factory=list)  # how the ended cells ran: device, precision, layout, execution
     dynamics: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (arch, depth, variant, epoch): mean of dynamics.csv
+    provenance: dict[str, Any] = field(default_factory=dict)  # commit, versions, device, times: results.provenance
 
 
 @dataclass
@@ -265,7 +267,8 @@ def build_report(results_dir: Path) -> Report:
     records = _read_cells(results, expected)
     rows = _aggregate(_cell_frame(records))
     return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(_verdict_cells(records)),
-                  missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records), dynamics=_dynamics(records))
+                  missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records), dynamics=_dynamics(records),
+                  provenance=provenance(results_dir))
 
 
 # ----------------------------------------------------------------------------- words and tables
@@ -386,7 +389,8 @@ def _json_safe(value: Any) -> Any:
 def report_json(report: Report) -> dict[str, Any]:
     """The report as JSON-able data (json.dumps works on it with allow_nan=False)."""
     return _json_safe({"name": report.name, "rows": report.rows.to_dict(orient="records"),
-                       "verdict": report.verdict, "missing": report.missing, "notes": report.notes, "ran": report.ran})
+                       "verdict": report.verdict, "missing": report.missing, "notes": report.notes, "ran": report.ran,
+                       "provenance": report.provenance})
 
 
 def report_markdown(report: Report) -> str:
@@ -411,6 +415,8 @@ def report_markdown(report: Report) -> str:
         text += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
     if report.ran:
         text += ["## How it ran", ""] + [f"- {_ran_line(entry)}" for entry in report.ran] + [""]
+    if (origin := provenance_line(report.provenance)) is not None:
+        text += ["## Provenance", "", origin, ""]
     figure = ResultsFolder(Path(".")).figure.name
     text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({figure})", ""]
     if _has_dynamics(report):
@@ -511,7 +517,8 @@ def _write_png(path: Path, fig: Figure) -> None:
 
 
 def write_report(report: Report, results_dir: Path) -> list[Path]:
-    """Write report.md, report.csv, figure6.png (and dynamics.png when cells recorded it) into `results_dir`; return their paths."""
+    """Write report.md, report.csv, figure6.png (and dynamics.png when cells recorded it), cells.csv and curves.csv into
+    `results_dir`; return their paths."""
     results = ResultsFolder(Path(results_dir))
     md, csv, png = results.report_md, results.report_csv, results.figure
     files.write_text(md, report_markdown(report))
@@ -522,6 +529,7 @@ def write_report(report: Report, results_dir: Path) -> list[Path]:
     if dynamics is not None:
         _write_png(results.dynamics_figure, dynamics)
         written.append(results.dynamics_figure)
+    written += write_tables(results.path)  # cells.csv and curves.csv: the data behind the report, to load
     return written
 
 
@@ -551,3 +559,5 @@ def print_report(report: Report, console: Console) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}")
     for entry in report.ran:
         console.print(f"[dim]ran: {escape(_ran_line(entry))}[/]")
+    if (origin := provenance_line(report.provenance)) is not None:
+        console.print(f"[dim]provenance: {escape(origin)}[/]")
