@@ -323,7 +323,7 @@ def _print_paths(result: dict) -> None:
 
 @app.command()
 def probe(
-    arch: list[Arch] = typer.Option([Arch.plain, Arch.residual], "--arch", help="plain and/or residual (repeat the option)."),
+    arch: list[str] = typer.Option(["plain", "residual"], "--arch", help="plain and/or residual (repeat the option)."),
     depth: list[int] = typer.Option([8, 20, 56, 110], "--depth", help="Depths 6n+2 (repeat the option)."),
     cell: Optional[Path] = typer.Option(None, "--cell", help="Probe a finished cell's weights (results/<name>/cells/<id>) and remove one block at a time."),
     data: Optional[str] = DataOpt,
@@ -335,11 +335,14 @@ def probe(
     """Why plain nets degrade: gradient norms, signal scale, residual-branch size and shattered gradients, per depth."""
     from .config import DataSpec
     from .data import DataError
-    from .options import depth_error
+    from .options import ARCHS, depth_error
     from .probe import probe_batch, probe_depths, probe_figure, probe_trained
     from .sweep import storage_errors
 
     with user_errors():
+        for a in arch:
+            if a not in ARCHS:
+                raise ConfigError("--arch", "", f"expected one of {', '.join(ARCHS)}, got {a!r}")
         for d in depth:
             problem = depth_error(d)
             if problem:
@@ -371,7 +374,7 @@ def probe(
         console.print(f"gradient-norm ratio first/last layer {result.grad_ratio:.3g}; input-gradient correlation "
                       f"{result.gradient_correlation:.4f}")
         return
-    frame = probe_depths([a.value for a in arch], depth, batch=batch, seed=seed)
+    frame = probe_depths(arch, depth, batch=batch, seed=seed)
     with user_errors(), storage_errors(out, advice="free space or make the folder writable, or use another --out"):
         out.mkdir(parents=True, exist_ok=True)
         frame.to_csv(out / "probe.csv", index=False)

@@ -60,7 +60,7 @@ def compute_text(flops: float) -> str:
 
 
 @contextmanager
-def _heartbeat(say: Callable[[str], None], every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+def _heartbeat(say: Callable[[str], None], every: float) -> Iterator[None]:
     """Say how long the timing has run, every `every` seconds, until the block ends."""
     started, done = time.monotonic(), threading.Event()
 
@@ -94,7 +94,7 @@ def make_plan(config: SweepConfig, out_dir: Path, estimate: bool = False, jobs: 
     models = {_model_key(cell) for cell in todo}  # what estimate_seconds times once each
     progress(f"timing {len(models)} distinct model(s) on {device_name(device)} ({device}): one warm-up, then "
              f"{ESTIMATE_REPEATS} rounds over all of them")
-    with _heartbeat(progress):
+    with _heartbeat(progress, HEARTBEAT_SECONDS):
         projection = estimate_seconds(todo, device, config.runtime, config.data.expected_train_images(), k)
     for row in rows:
         row["estimated_seconds"] = projection["cells"].get(row["id"], 0.0)
