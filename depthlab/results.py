@@ -28,7 +28,6 @@ IDENTITY = ["id", "arch", "depth", "seed", "variant", "shortcut"]
 FINAL = list(FinalErrors.__annotations__)  # train_loss, train_err, test_loss, … clean_train_err
 HOW = ["epochs", "iterations", "train_seconds", "compile_seconds", "images_per_second", "precision", "device_name"]
 CELL_COLUMNS = IDENTITY + ["state"] + FINAL + HOW
-CELLS_CSV, CURVES_CSV = "cells.csv", "curves.csv"
 
 
 def _expected(results: ResultsFolder) -> dict[str, Cell]:
@@ -104,11 +103,10 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def write_tables(results_dir: Path) -> list[Path]:
     """cells.csv and curves.csv in `results_dir` (what `load_results` returns); their paths."""
     cells, curves = load_results(results_dir)
-    written = []
-    for name, frame in ((CELLS_CSV, cells), (CURVES_CSV, curves)):
-        files.write_text(Path(results_dir) / name, frame.to_csv(index=False))
-        written.append(Path(results_dir) / name)
-    return written
+    results = ResultsFolder(Path(results_dir))
+    for path, frame in ((results.cells_table, cells), (results.curves_table, curves)):
+        files.write_text(path, frame.to_csv(index=False))
+    return [results.cells_table, results.curves_table]
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -17,13 +17,10 @@ from typing import Any, ContextManager, Optional
 
 from . import install_command
 from .config import ConfigError, SweepConfig
+from .layout import ResultsFolder
 
 TENSORBOARD_INSTALL = install_command("tensorboard")
 STEP_KEYS = ("epoch", "iteration")  # the row's position, not a number to plot
-
-
-def tensorboard_folder(out_dir: Path) -> Path:
-    return Path(out_dir) / "tensorboard"
 
 
 def summary_writer_class() -> type:
@@ -40,7 +37,7 @@ class TensorBoardEvents:
 
     def __init__(self, display: Any, out_dir: Path):
         self.display = display
-        self.folder = tensorboard_folder(out_dir)
+        self.folder = ResultsFolder(Path(out_dir)).tensorboard_dir
         self.writer_class = summary_writer_class()
         self.writers: dict[str, Any] = {}
 
