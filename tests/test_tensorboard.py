@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from depthlab.config import load_config, parse_config
+from depthlab.layout import ResultsFolder
 from depthlab.tblog import TensorBoardEvents, events_for
 
 from .conftest import tiny_sweep, write_config
@@ -59,6 +60,9 @@ def row(epoch: int, train_err: float, **extra) -> dict:
 @needs_tensorboard
 def test_each_cell_gets_a_run_with_every_number_of_each_epoch_by_iteration(tmp_path: Path) -> None:
     display = Recorder()
+    dynamics = ResultsFolder(tmp_path).cell("plain-8-s0").dynamics
+    dynamics.parent.mkdir(parents=True)
+    dynamics.write_text("epoch,grad_norm/stage1,branch_ratio/stage1\n0,9,9\n1,0.5,1.4\n2,0.25,1.3\n")  # epoch 0: not this run's
     with TensorBoardEvents(display, tmp_path) as events:
         events.sweep_started("start")
         for epoch, err in ((1, 80.0), (2, 60.0)):
@@ -72,6 +76,8 @@ def test_each_cell_gets_a_run_with_every_number_of_each_epoch_by_iteration(tmp_p
     assert {"lr", "train_loss", "test_loss", "test_err", "seconds", "grad_stage1"} <= plain.keys()
     assert "epoch" not in plain and "iteration" not in plain
     assert plain["clean_train_err"] == [(20, 55.0)] and "clean_train_err" not in residual
+    assert plain["grad_norm/stage1"] == [(10, 0.5), (20, 0.25)] and plain["branch_ratio/stage1"][1] == (20, pytest.approx(1.3))
+    assert not any(tag.startswith("grad_norm/") for tag in residual)  # it failed: no dynamics to log
     assert display.calls == [("sweep_started",), ("epoch_done", "plain-8-s0", 1), ("epoch_done", "residual-8-s0", 1),
                              ("epoch_done", "plain-8-s0", 2), ("epoch_done", "residual-8-s0", 2),
                              ("cell_ended", "plain-8-s0", None), ("cell_ended", "residual-8-s0", "boom")]
@@ -87,6 +93,7 @@ def test_a_sweep_with_tensorboard_writes_one_run_per_trained_cell(cli, tmp_path:
     run = scalars(tmp_path / "out" / "tensorboard" / "plain-8-s0")
     assert [step for step, _ in run["train_err"]] == [4, 8]  # 256 images / batch 64: 4 iterations per epoch, 2 epochs
     assert len(run["clean_train_err"]) == 1
+    assert [step for step, _ in run["grad_norm/stage1"]] == [4, 8]
 
 
 def test_the_switch_is_a_runtime_key_and_a_flag_and_off_by_default(tmp_path: Path) -> None:
