@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from . import __version__, install_command
 from .config import ConfigError, load_config, with_overrides
 from .data import DataError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train plain and residual CIFAR-10 nets of growing depth and see why residual networks exist.")
 console = Console(soft_wrap=True)  # long paths and messages stay on one line in logs
 errors = Console(stderr=True, soft_wrap=True)
@@ -66,14 +66,55 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(RUN_ERROR)
 
 
-def _load(config: Path, data: Optional[str], device: Optional[str], jobs: Optional[int] = None):
-    return with_overrides(load_config(config), data_path=data, device=device, jobs=jobs)
+def _load(config: Path, data: Optional[str], device: Optional[str], jobs: Optional[int] = None,
+          overrides: Optional[list[str]] = None, tensorboard: bool = False):
+    return with_overrides(load_config(config, overrides or ()), data_path=data, device=device, jobs=jobs, tensorboard=tensorboard)
+
+
+def _device_names(incomplete: str) -> list[str]:
+    """Shell completion of --device: the fixed names and cuda:0..N-1 where torch sees N GPUs (without CUDA, cuda:0)."""
+    import torch
+
+    names = ["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(max(1, torch.cuda.device_count()))]
+    return [name for name in names if name.startswith(incomplete)]
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    auto = "auto"
+
+
+class Arch(str, Enum):
+    plain = "plain"
+    residual = "residual"
+
+
+class Shortcut(str, Enum):
+    A = "A"
+    B = "B"
+
+
+class CompileMode(str, Enum):
+    auto = "auto"
+    none = "none"
+    default = "default"
+    reduce_overhead = "reduce-overhead"
+    max_autotune = "max-autotune"
 
 
 ConfigArg = typer.Argument(..., help="A sweep file, e.g. configs/cifar.yaml.", show_default=False)
 OutOpt = typer.Option(None, "--out", help=f"Results folder {default_text('results/<name>')}.")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N " + default_text("the config's runtime.device") + ".")
-DataOpt = typer.Option(None, "--data", help="An existing CIFAR-10: the python release, an image folder train/<class>/ test/<class>/, or a .tar.gz of one.")
+DeviceOpt = typer.Option(None, "--device", autocompletion=_device_names, help="auto, cpu, cuda or cuda:N " + default_text("the config's runtime.device") + ".")
+DataOpt = typer.Option(None, "--data", help="An existing CIFAR-10: the python release (cifar-10-python.tar.gz or its folder), "
+                                            "an image folder train/<class>/ test/<class>/, or a .tar.gz of one.")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key of the sweep file, e.g. train.lr=0.05 or "
+                                                                "grid.seed=[0,1,2] (YAML values; repeat the option).")
 
 
 @app.command()
@@ -84,24 +125,35 @@ def sweep(
     data: Optional[str] = DataOpt,
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help=f"Cells trained at once {default_text('chosen from the device')}."),
     force: bool = typer.Option(False, "--force", help="Retrain cells whose config changed; their old results move to superseded/."),
-    executor: str = typer.Option("local", "--executor", help="local (this machine's processes) or ray (a Ray cluster; pip install 'depthlab[ray]')."),
-    address: Optional[str] = typer.Option(None, "--address", help="With --executor ray: auto or ray://HOST:PORT [default: a Ray instance on this machine]."),
+    executor: Executor = typer.Option(Executor.local, "--executor", help=escape(
+        f"local (this machine's processes) or ray (a Ray cluster; {install_command('ray')}).")),
+    address: Optional[str] = typer.Option(None, "--address", help="With --executor ray: auto or ray://HOST:PORT "
+                                                                  + default_text("a Ray instance on this machine") + "."),
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", min=0.0, help="With --executor ray: the GPU share each cell asks Ray for (e.g. 0.25)."),
-    no_shared_fs: bool = typer.Option(False, "--no-shared-fs", help="With --executor ray: workers return each cell's files to this machine instead of writing them [default: detected]."),
+    no_shared_fs: bool = typer.Option(False, "--no-shared-fs", help="With --executor ray: workers return each cell's files to this machine "
+                                                                    "instead of writing them " + default_text("detected") + "."),
+    overrides: Optional[list[str]] = SetOpt,
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved sweep (after --set) as YAML and exit without training."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help=escape(
+        f"Also log every epoch to <results>/tensorboard/<cell>/ (runtime.tensorboard; {install_command('tensorboard')}).")),
 ) -> None:
     """Train every cell of a sweep; re-run the same command to resume after an interruption."""
     from .display import display_for
     from .layout import ResultsFolder
+    from .tblog import events_for
     from .report import build_report, print_report, write_report
     from .sweep import default_out_dir, run_sweep
 
     with user_errors():
-        cfg = _load(config, data, device, jobs)
+        cfg = _load(config, data, device, jobs, overrides, tensorboard)
+        if print_config:
+            print(cfg.to_yaml(), end="")
+            return
         out_dir = out or default_out_dir(cfg)
         remote = _executor(executor, address, gpus_per_cell, no_shared_fs)
         try:
-            with display_for(console) as display:
-                outcome = run_sweep(cfg, out_dir, display, force=force, executor=remote)
+            with display_for(console) as display, events_for(display, cfg, out_dir) as events:
+                outcome = run_sweep(cfg, out_dir, events, force=force, executor=remote)
         except KeyboardInterrupt:
             errors.print(f"\ninterrupted: finished cells are kept and the others continue from their last epoch when you run "
                          f"the same command again (results in {out_dir})")
@@ -120,12 +172,10 @@ def sweep(
         raise typer.Exit(1)
 
 
-def _executor(name: str, address: Optional[str], gpus_per_cell: float, no_shared_fs: bool):
+def _executor(name: Executor, address: Optional[str], gpus_per_cell: float, no_shared_fs: bool):
     """None for this machine's own worker processes, or the Ray executor (Ray imported only then)."""
-    if name == "local":
+    if name is Executor.local:
         return None
-    if name != "ray":
-        raise ConfigError("--executor", "", f"{name!r} is not an executor; allowed: local, ray")
     from .ray_executor import RayExecutor, import_ray
 
     import_ray()
@@ -140,27 +190,31 @@ def plan(
     estimate: bool = typer.Option(False, "--estimate", help="Time a few steps of each model on this device and project the wall time."),
     device: Optional[str] = DeviceOpt,
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Cells at once, for the estimate " + default_text("the config's runtime.jobs") + "."),
+    overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """List the cells a sweep will run, with parameters, multiply-accumulates and training compute."""
-    from .plan import make_plan
+    from .plan import compute_text, make_plan
     from .sweep import default_out_dir
 
+    def progress(line: str) -> None:  # stderr, so that --json stays one JSON document on stdout
+        errors.print(line, markup=False, highlight=False)
+
     with user_errors():
-        cfg = _load(config, None, device)
-        result = make_plan(cfg, out or default_out_dir(cfg), estimate=estimate, jobs=jobs)
+        cfg = _load(config, None, device, overrides=overrides)
+        result = make_plan(cfg, out or default_out_dir(cfg), estimate=estimate, jobs=jobs, progress=progress)
     rows, projection = result.rows, result.projection
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{cfg.name}: {len(rows)} cells")
     table.add_column("cell", no_wrap=True)
-    for column in ("params", "MACs", "iters", "epochs", "PFLOP", "status"):
+    for column in ("params", "MACs", "iters", "epochs", "compute", "status"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(r["id"], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}M", f"{r['iterations']:,}", f"{r['epochs']:.1f}",
-                      f"{r['train_flops'] / 1e15:.2f}", r["status"])
+                      compute_text(r["train_flops"]), r["status"])
     console.print(table)
-    console.print(f"total training compute: {sum(r['train_flops'] for r in rows) / 1e15:.1f} PFLOP")
+    console.print(f"total training compute: {compute_text(sum(r['train_flops'] for r in rows))}")
     if projection:
         console.print(f"estimated wall time on {cfg.runtime.device}: {_minutes(projection, 'serial_seconds')} one cell at a time, "
                       f"about {_minutes(projection, 'wall_seconds')} with {projection['jobs']} at once (if they scale linearly); "
@@ -206,28 +260,29 @@ def report(
         written = []
         errors.print(f"note: report files not written to {folder} ({err.strerror or err}); printing the report only",
                      markup=False, highlight=False)
-    if fmt is Format.json:
-        print(json.dumps(report_json(rep), indent=2))
-    elif fmt is Format.markdown:
-        print(report_markdown(rep))
-    else:
+    wrote = "wrote " + ", ".join(str(p) for p in written)
+    if fmt is Format.text:
         print_report(rep, console)
         if written:
-            console.print("wrote " + ", ".join(str(p) for p in written))
+            console.print(wrote)
+        return
+    print(json.dumps(report_json(rep), indent=2) if fmt is Format.json else report_markdown(rep))
+    if written:  # stderr: stdout stays the JSON or markdown document alone
+        errors.print(wrote, markup=False, highlight=False)
 
 
 @app.command()
 def bench(
-    arch: str = typer.Option("residual", help="plain or residual."),
+    arch: Arch = typer.Option(Arch.residual, help="plain or residual."),
     depth: int = typer.Option(56, help="A depth 6n+2."),
-    shortcut: str = typer.Option("A", help="A or B."),
+    shortcut: Shortcut = typer.Option(Shortcut.A, help="A or B."),
     batch_size: int = typer.Option(128, min=1, help="Images per step."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or auto (bf16 where the hardware computes it)."),
+    precision: Precision = typer.Option(Precision.fp32, help="fp32, bf16 or auto (bf16 where the hardware computes it)."),
     steps: int = typer.Option(100, min=1, help="Timed steps per measurement."),
     warmup: int = typer.Option(20, min=0, help="Untimed steps first (compilation, cudnn autotuning)."),
     jobs: int = typer.Option(4, min=1, help="Cells at once for the concurrent measurement (1 skips it)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    compile_mode: str = typer.Option("auto", "--compile", help="auto, none, default, reduce-overhead or max-autotune."),
+    device: str = typer.Option("auto", autocompletion=_device_names, help="auto, cpu, cuda or cuda:N."),
+    compile_mode: CompileMode = typer.Option(CompileMode.auto, "--compile", help="auto, none, default, reduce-overhead or max-autotune."),
     loader_workers: Optional[int] = typer.Option(None, min=0, help=f"DataLoader workers of the common-way baseline {default_text('min(4, CPU cores)')}."),
     baseline: bool = typer.Option(True, help="Measure the common-way baseline too."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON."),
@@ -236,8 +291,8 @@ def bench(
     """Images/s: the common DataLoader way vs depthlab's single-cell path vs K cells at once."""
     from .bench import BenchOptions, compare_paths, run_bench
 
-    options = BenchOptions(arch=arch, depth=depth, shortcut=shortcut, batch_size=batch_size, precision=precision, steps=steps,
-                           warmup=warmup, jobs=jobs, device=device, compile=compile_mode, baseline=baseline,
+    options = BenchOptions(arch=arch.value, depth=depth, shortcut=shortcut.value, batch_size=batch_size, precision=precision.value,
+                           steps=steps, warmup=warmup, jobs=jobs, device=device, compile=compile_mode.value, baseline=baseline,
                            **({} if loader_workers is None else {"loader_workers": loader_workers}))
     with user_errors():
         options.cell()
@@ -248,7 +303,7 @@ def bench(
     if compare:
         _print_paths(result)
         return
-    console.print(f"{result['model']} batch {batch_size} {precision} on {result['device_name']} ({result['device']}), torch {result['torch']}, "
+    console.print(f"{result['model']} batch {batch_size} {precision.value} on {result['device_name']} ({result['device']}), torch {result['torch']}, "
                   f"compile: {result['compile']}, {steps} timed steps")
     for key, label in (("common_way", "common way (DataLoader + PIL, eager fp32)"), ("single_cell", "depthlab, one cell"),
                        ("concurrent", f"depthlab, {jobs} cells at once (aggregate)")):

@@ -12,6 +12,7 @@ training but limits past which a sweep would never finish or never fit in memory
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -134,6 +135,7 @@ class RuntimeSpec:
     channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: on a GPU; on a CPU, if it measures faster there
     eval_batch_size: int = 1000
     deterministic: bool = False  # GPU: deterministic kernels, no cuDNN autotuning (slower), for bit-identical resumes
+    tensorboard: bool = False  # also log every epoch to <results>/tensorboard/<cell>/ (needs the tensorboard extra)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ class SweepConfig:
     cells: list[Cell]
     source: str = "<config>"
     description: Optional[str] = None
+    overrides: tuple[str, ...] = ()  # the --set KEY=VALUE options applied to the file, as given
+
 
     def to_document(self) -> dict[str, Any]:
         """The sweep as a YAML document with every cell spelled out: `parse_config` of it gives the same cells."""
@@ -211,6 +215,11 @@ class SweepConfig:
         document["cells"] = [{"arch": c.arch, "depth": c.depth, "seed": c.seed, "shortcut": c.shortcut, **dict(c.net),
                               **dataclasses.asdict(c.train)} for c in self.cells]
         return document
+
+    def to_yaml(self) -> str:
+        """The resolved sweep as YAML (what sweep.yaml holds), headed by the --set overrides that made it, if any."""
+        header = "".join(f"# --set {_one_line(item)}\n" for item in self.overrides)
+        return header + yaml.safe_dump(self.to_document(), sort_keys=False)
 
 
 NET_KEYS = ("family", "shortcut_scale", "init", "norm", "block")  # the ablation axes of options.NetSpec
@@ -680,8 +689,12 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(source, "", "nested too deeply: a sweep file needs only a few levels of mappings and lists") from None
 
 
-def load_config(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep file."""
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> SweepConfig:
+    """Read a sweep file, apply the command line's `--set KEY=VALUE` overrides to it, and validate the result.
+
+    The overrides change the document before validation, so a bad value is refused exactly as in the
+    file, and the message names the override (`--set train.lr`) rather than a line of the file.
+    """
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -689,11 +702,55 @@ def load_config(path: str | Path) -> SweepConfig:
     raw = load_yaml(_read_text(path, source), source)
     if raw is None:
         raise ConfigError(source, "", f"is empty: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
-    return parse_config(raw, source)
+    if not overrides:
+        return parse_config(raw, source)
+    parsed = [parse_override(item) for item in overrides]
+    raw = apply_overrides(raw, parsed, source)
+    try:
+        config = parse_config(raw, source)
+    except ConfigError as err:
+        raise _blame_override(err, [key for key, _ in parsed]) from None
+    return dataclasses.replace(config, overrides=tuple(overrides))
+
+
+# ----------------------------------------------------------------------------- command-line overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.05` as ("train.lr", 0.05): the value read as YAML 1.2, as in a sweep file (`[0, 1]` is a list)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", _show(text), "expected KEY=VALUE with a dotted key, e.g. train.lr=0.05 or grid.seed=[0,1,2]")
+    return key, load_yaml(value, f"--set {key}")
+
+
+def apply_overrides(raw: Any, overrides: list[tuple[str, Any]], source: str) -> dict[str, Any]:
+    """A copy of the document `raw` with each (dotted key, value) set, creating missing sections on the way.
+
+    Setting `train.epochs` drops the file's `train.iterations` (and the other way round) unless both are
+    set: the same rule as for a cell that names one of them, so the override means what it says.
+    """
+    document = copy.deepcopy(raw) if isinstance(raw, dict) else {}
+    given = {key for key, _ in overrides}
+    for key, value in overrides:
+        *parents, leaf = key.split(".")
+        section = document
+        for depth, part in enumerate(parents):
+            if section.get(part) is None:  # absent, or an empty `runtime:` in the file
+                section[part] = {}
+            section = section[part]
+            if not isinstance(section, dict):
+                raise ConfigError(source, f"--set {key}", f"{'.'.join(parents[:depth + 1])} is {_show(section)}, not a mapping of keys")
+        section[leaf] = value
+        other = {"epochs": "iterations", "iterations": "epochs"}.get(leaf)
+        if other and ".".join(parents + [other]) not in given:
+            section.pop(other, None)
+    return document
 
 
 def with_overrides(config: SweepConfig, data_path: str | None = None, device: str | None = None,
-                   jobs: int | None = None) -> SweepConfig:
+                   jobs: int | None = None, tensorboard: bool = False) -> SweepConfig:
     """The config with command-line choices applied, validated as the file is; none of them changes what a cell means."""
     data, runtime = config.data, config.runtime
     if data_path is not None:
@@ -705,6 +762,17 @@ def with_overrides(config: SweepConfig, data_path: str | None = None, device: st
         runtime = dataclasses.replace(runtime, device=device)
     if jobs is not None:
         runtime = dataclasses.replace(runtime, jobs=jobs)
+    if tensorboard:
+        runtime = dataclasses.replace(runtime, tensorboard=True)
     _validate_runtime(runtime, "command line")
     cells = [dataclasses.replace(cell, data=data) for cell in config.cells]
     return dataclasses.replace(config, data=data, runtime=runtime, cells=cells)
+
+
+def _blame_override(err: ConfigError, keys: list[str]) -> ConfigError:
+    """The validation error `err` named after the override it concerns (`--set train.lr`), or unchanged if none does."""
+    for key in reversed(keys):  # the last override of a key is the one that counts
+        if err.key == key or err.key.startswith((key + ".", key + "[")) or key.startswith(err.key + ".") or key.endswith("." + err.key):
+            where = f"--set {key}" if err.key in (key, key.split(".")[-1]) else f"--set {key} ({err.key})"
+            return ConfigError(err.source, where, err.message)
+    return err

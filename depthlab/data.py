@@ -1,8 +1,8 @@
 """CIFAR-10 images: finding them, decoding them once, and feeding them from the training device.
 
-Three layouts are read: torchvision's `cifar-10-batches-py` (downloaded where there is
-internet), an image folder `train/<class>/*`, `test/<class>/*`, and a `.tar.gz` of such a
-folder. Whatever the layout, the images are decoded once into uint8 arrays and cached, so
+Four layouts are read: torchvision's `cifar-10-batches-py` (downloaded where there is
+internet), the published `cifar-10-python.tar.gz` holding it (read without unpacking, its MD5
+checked), an image folder `train/<class>/*`, `test/<class>/*`, and a `.tar.gz` of such a folder. Whatever the layout, the images are decoded once into uint8 arrays and cached, so
 later runs load in seconds. A small synthetic CIFAR-shaped set with learnable labels serves
 smoke tests and CI, where no download is possible.
 
@@ -22,7 +22,8 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from contextlib import nullcontext
+from typing import BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from .config import DataSpec
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 TORCHVISION_FOLDER = "cifar-10-batches-py"
+CIFAR10_PYTHON_TARBALL = "cifar-10-python.tar.gz"
+CIFAR10_PYTHON_MD5 = "c58f30108f718f92721af3b95e74349a"  # published with the release; torchvision's CIFAR10.tgz_md5
 SPLITS = ("train", "test")
 GZIP_MAGIC = b"\x1f\x8b"
 PIXELS_PER_IMAGE = 3 * 32 * 32
@@ -122,9 +125,10 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(file: Path) -> object:
+def _unpickle(file: Path | str, stream: Optional[BinaryIO] = None) -> object:
+    """The object pickled in `file` (or in `stream`, a member of an archive that `file` names)."""
     try:
-        with open(file, "rb") as f:
+        with open(file, "rb") if stream is None else nullcontext(stream) as f:
             return _BatchUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as err:
         raise DataError(f"{file}: not loaded: the pickle names the global {err}, which could run code (it was not called); a "
@@ -140,9 +144,9 @@ def _as_array(value: object, file: Path, key: str) -> np.ndarray:
         raise DataError(f"{file}: '{key}' is not an array ({err}); {PICKLE_FORMAT}") from None
 
 
-def _read_pickle_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_pickle_batch(file: Path | str, stream: Optional[BinaryIO] = None) -> tuple[np.ndarray, np.ndarray]:
     """One batch file, checked, so that a damaged or foreign file is named here rather than failing deep in training."""
-    entry = _unpickle(file)
+    entry = _unpickle(file, stream)
     if not isinstance(entry, dict) or not {"data", "labels"} <= entry.keys():
         found = f"keys {sorted(map(str, entry))}" if isinstance(entry, dict) else type(entry).__name__
         raise DataError(f"{file}: expected 'data' and 'labels', found {found}; {PICKLE_FORMAT}")
@@ -156,23 +160,51 @@ def _read_pickle_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
+RELEASE_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+RELEASE_MISSING = "expected data_batch_1..5 and test_batch of the CIFAR-10 python release"
+
+
+def _release_arrays(read: Callable[[str], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """train_x, train_y, test_x, test_y of the python release, each batch read by `read(name)`."""
+    arrays: list[np.ndarray] = []
+    for split in SPLITS:
+        batches = [read(name) for name in RELEASE_BATCHES[split]]
+        arrays += [np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])]
+    return tuple(arrays)  # type: ignore[return-value]
+
+
 def _read_pickle_batches(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The python-pickle release of CIFAR-10 (what torchvision downloads)."""
+    """The python-pickle release of CIFAR-10 (what torchvision downloads), unpacked."""
 
-    def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for name in names:
-            file = folder / name
-            if not file.is_file():
-                raise DataError(f"{folder}: missing {name} (expected data_batch_1..5 and test_batch of the CIFAR-10 python release)")
-            x, y = _read_pickle_batch(file)
-            xs.append(x)
-            ys.append(y)
-        return np.concatenate(xs), np.concatenate(ys)
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        if not (folder / name).is_file():
+            raise DataError(f"{folder}: missing {name} ({RELEASE_MISSING})")
+        return _read_pickle_batch(folder / name)
 
-    train = read([f"data_batch_{i}" for i in range(1, 6)])
-    test = read(["test_batch"])
-    return (*train, *test)
+    return _release_arrays(read)
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_release_tarball(path: Path, batches: dict[str, bytes]) -> tuple[np.ndarray, ...]:
+    """cifar-10-python.tar.gz as published, read without unpacking it; its MD5 must be the published one."""
+    found = file_md5(path)
+    if found != CIFAR10_PYTHON_MD5:
+        raise DataError(f"{path}: holds {TORCHVISION_FOLDER}/ but its MD5 is {found}, not the published {CIFAR10_PYTHON_MD5} of "
+                        f"{CIFAR10_PYTHON_TARBALL}: re-download it (a copy you packed yourself: unpack it and give the folder)")
+
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in batches:
+            raise DataError(f"{path}: missing {TORCHVISION_FOLDER}/{name} ({RELEASE_MISSING})")
+        return _read_pickle_batch(f"{path}:{TORCHVISION_FOLDER}/{name}", io.BytesIO(batches[name]))
+
+    return (*_release_arrays(read), CIFAR10_CLASSES)
 
 
 def _class_order(names: set[str]) -> tuple[str, ...]:
@@ -224,18 +256,24 @@ def _read_image_folder(root: Path) -> tuple[np.ndarray, ...]:
 
 
 _MEMBER = re.compile(r"(?:^|.*/)(train|test)/([^/]+)/([^/]+)$")
+_RELEASE_MEMBER = re.compile(rf"^(?:\./)?{TORCHVISION_FOLDER}/(data_batch_[1-5]|test_batch)$")
 
 
-def _tar_images(tar: tarfile.TarFile) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
-    """{split: {class: [(name, bytes)]}} of the image members, read in one pass over the archive."""
+def _tar_images(tar: tarfile.TarFile) -> tuple[dict[str, dict[str, list[tuple[str, bytes]]]], dict[str, bytes]]:
+    """{split: {class: [(name, bytes)]}} of the image members and {name: bytes} of the python release's batches,
+    read in one pass over the archive."""
     files: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
+    batches: dict[str, bytes] = {}
     for member in tar:
         match = _MEMBER.match(member.name)
+        release = _RELEASE_MEMBER.match(member.name)
         if member.isfile() and match and Path(match[3]).suffix.lower() in IMAGE_SUFFIXES:
             split, name, file = match.groups()
             blob = tar.extractfile(member).read()
             files.setdefault(split, {}).setdefault(name, []).append((file, blob))
-    return files
+        elif member.isfile() and release:
+            batches[release[1]] = tar.extractfile(member).read()
+    return files, batches
 
 
 def _only_padding_follows(tar: tarfile.TarFile) -> bool:
@@ -257,7 +295,8 @@ def _damaged(path: Path, problem: Exception | str) -> DataError:
 
 
 def _read_tarball(path: Path) -> tuple[np.ndarray, ...]:
-    """A tar or .tar.gz of an image folder, verified to its end so a damaged archive never trains on part of itself."""
+    """A tar or .tar.gz of an image folder or of the python release, verified to its end so a damaged archive never
+    trains on part of itself."""
     with open(path, "rb") as f:
         compressed = f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
     try:
@@ -268,11 +307,13 @@ def _read_tarball(path: Path) -> tuple[np.ndarray, ...]:
         raise DataError(f"{path}: not a readable tar archive ({err})") from None
     try:
         with tar:
-            files = _tar_images(tar)
+            files, batches = _tar_images(tar)
             if not _only_padding_follows(tar):
                 raise _damaged(path, f"unreadable tar header at byte {tar.offset}, the entries after it were not read")
     except ARCHIVE_DAMAGE as err:
         raise _damaged(path, err) from None
+    if batches and not files:
+        return _read_release_tarball(path, batches)
     return _stack(files, str(path))
 
 
@@ -287,8 +328,8 @@ def detect_layout(path: Path) -> tuple[str, Path]:
         if (path / "train").is_dir() and (path / "test").is_dir():
             return "folder", path
     raise DataError(
-        f"{path}: no dataset found. Expected one of: CIFAR-10's python release ({TORCHVISION_FOLDER}/ with "
-        "data_batch_1..5 and test_batch), an image folder with train/<class>/ and test/<class>/, or a .tar.gz of that folder"
+        f"{path}: no dataset found. Expected one of: CIFAR-10's python release ({CIFAR10_PYTHON_TARBALL} or its {TORCHVISION_FOLDER}/ "
+        "with data_batch_1..5 and test_batch), an image folder with train/<class>/ and test/<class>/, or a .tar.gz of that folder"
     )
 
 

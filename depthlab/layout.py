@@ -322,6 +322,21 @@ class ResultsFolder:
         """One JSON line per seed set the verdict judged here: a later superset of one is a later look."""
         return self.path / "verdict_looks.jsonl"
 
+    @property
+    def cells_table(self) -> Path:
+        """One row per cell (results.load_results)."""
+        return self.path / "cells.csv"
+
+    @property
+    def curves_table(self) -> Path:
+        """One row per epoch of every cell (results.load_results)."""
+        return self.path / "curves.csv"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """One TensorBoard run per cell, in <cell id>/ (runtime.tensorboard)."""
+        return self.path / "tensorboard"
+
     def cell(self, cell_id: str) -> CellFolder:
         return CellFolder(self.cells_dir / cell_id)
 

@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from . import files
+from . import files, install_command
 from .config import Cell, ConfigError, SweepConfig
 from .data import Images
 from .layout import ResultsFolder
 from .sweep import CellOutcome, StorageError, SweepEvents, next_step, run_cell
 from .train import resolve_device
 
-RAY_INSTALL = "pip install 'depthlab[ray]'"
+RAY_INSTALL = install_command("ray")
 SYSTEM_RETRIES = 3  # a guess: Ray reruns a task this often after its worker process or node died
 POLL_SECONDS = 0.2  # how often the driver forwards the tasks' progress events to the display
 SHARED_FS_MARKER = ".shared-fs-check"  # hidden: bookkeeping, not a result

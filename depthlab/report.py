@@ -31,6 +31,7 @@ from .config import Cell, ConfigError, parse_config
 from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
 from .paper import CITATION, paper_test_error
+from .results import provenance, provenance_line, write_tables
 from .verdict import base_cell_key, decide, mean_interval
 
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
@@ -56,6 +57,7 @@ class Report:
     ran: list[dict[str, Any]] = field(default_factory=list)  # how the ended cells ran: device, precision, layout, execution
     dynamics: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (arch, depth, variant, epoch): mean of dynamics.csv
     ablations: list[dict[str, Any]] = field(default_factory=list)  # per variant: its depth effect against its baseline's (ablation.py)
+    provenance: dict[str, Any] = field(default_factory=dict)  # commit, versions, device, times: results.provenance
 
 
 @dataclass
@@ -324,7 +326,7 @@ def build_report(results_dir: Path) -> Report:
     notes += look_notes
     return Report(name=name or results_dir.name, rows=_aggregate(cells), verdict=verdict,
                   missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records),
-                  dynamics=_dynamics(records), ablations=judge_ablations(cells))
+                  dynamics=_dynamics(records), ablations=judge_ablations(cells), provenance=provenance(results_dir))
 
 
 # ----------------------------------------------------------------------------- words and tables
@@ -471,7 +473,7 @@ def report_json(report: Report) -> dict[str, Any]:
     """The report as JSON-able data (json.dumps works on it with allow_nan=False)."""
     return _json_safe({"name": report.name, "rows": report.rows.to_dict(orient="records"),
                        "verdict": report.verdict, "missing": report.missing, "notes": report.notes, "ran": report.ran,
-                       "ablations": report.ablations})
+                       "ablations": report.ablations, "provenance": report.provenance})
 
 
 def report_markdown(report: Report) -> str:
@@ -498,6 +500,8 @@ def report_markdown(report: Report) -> str:
         text += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
     if report.ran:
         text += ["## How it ran", ""] + [f"- {_ran_line(entry)}" for entry in report.ran] + [""]
+    if (origin := provenance_line(report.provenance)) is not None:
+        text += ["## Provenance", "", origin, ""]
     figure = ResultsFolder(Path(".")).figure.name
     text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({figure})", ""]
     if report.verdict.get("seeds"):
@@ -655,8 +659,8 @@ def _write_png(path: Path, fig: Figure) -> None:
 
 
 def write_report(report: Report, results_dir: Path) -> list[Path]:
-    """Write report.md, report.csv, figure6.png, verdict.png (when a cell finished) and dynamics.png (when cells
-    recorded it) into `results_dir`; return their paths."""
+    """Write report.md, report.csv, figure6.png, verdict.png (when a cell finished), dynamics.png (when cells recorded
+    it), ablation.png (when there are variants), cells.csv and curves.csv into `results_dir`; return their paths."""
     results = ResultsFolder(Path(results_dir))
     md, csv, png = results.report_md, results.report_csv, results.figure
     files.write_text(md, report_markdown(report))
@@ -675,6 +679,7 @@ def write_report(report: Report, results_dir: Path) -> list[Path]:
     if ablations is not None:
         _write_png(Path(results_dir) / ABLATION_FIGURE, ablations)
         written.append(Path(results_dir) / ABLATION_FIGURE)
+    written += write_tables(results.path)  # cells.csv and curves.csv: the data behind the report, to load
     return written
 
 
@@ -706,3 +711,5 @@ def print_report(report: Report, console: Console) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}")
     for entry in report.ran:
         console.print(f"[dim]ran: {escape(_ran_line(entry))}[/]")
+    if (origin := provenance_line(report.provenance)) is not None:
+        console.print(f"[dim]provenance: {escape(origin)}[/]")

@@ -535,7 +535,7 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
     todo = sorted((c for c in config.cells if not states[c.id].ended), key=lambda c: cell_cost(c, n_train), reverse=True)
     skipped = [c.id for c in config.cells if states[c.id].ended]
 
-    files.write_text(results.sweep_file, yaml.safe_dump(config.to_document(), sort_keys=False))
+    files.write_text(results.sweep_file, config.to_yaml())  # headed by the --set overrides, if any
     if not todo:
         return SweepOutcome(results.path, [], skipped, [], moved, repairs)
     files.write_json(results.environment, environment(device))  # the latest run; each summary names its device

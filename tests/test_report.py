@@ -310,7 +310,7 @@ def complete(full) -> Path:
 def test_report_json_is_json_with_the_documented_keys(full):
     data = report_json(build_report(full))
     text = json.dumps(data, allow_nan=False)
-    assert set(data) == {"name", "rows", "verdict", "missing", "notes", "ran", "ablations"}
+    assert set(data) == {"name", "rows", "verdict", "missing", "notes", "ran", "ablations", "provenance"}
     assert {"arch", "depth", "variant", "n_seeds", "train_err", "train_err_std", "clean_train_err",
             "clean_train_err_std", "test_err", "test_err_std", "epochs", "paper_test_err"} <= set(data["rows"][0])
     assert {"plain_degrades", "residual_degrades", "reproduced", "details", "rule"} <= set(data["verdict"])
@@ -332,7 +332,7 @@ def test_report_json_turns_nan_into_null(tmp_path):
 def test_write_report_writes_markdown_csv_and_a_png(full):
     report = build_report(full)
     paths = write_report(report, full)
-    assert [p.name for p in paths] == ["report.md", "report.csv", "figure6.png", "verdict.png"]
+    assert [p.name for p in paths] == ["report.md", "report.csv", "figure6.png", "verdict.png", "cells.csv", "curves.csv"]
     png = (full / "figure6.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = (full / "report.md").read_text()

@@ -24,7 +24,8 @@ from .conftest import tiny_sweep
 PACKAGE = Path(train_module.__file__).parent
 # "cells" is left out: it is also a key of the sweep file, a different thing with the same name.
 RESULT_FILE_NAMES = ("DONE", "summary.json", "metrics.csv", "checkpoint.pt", "config.json", "model.pt", "error.txt", ".lock",
-                     "superseded", "sweep.yaml", "environment.json", "report.md", "report.csv", "figure6.png")
+                     "superseded", "sweep.yaml", "environment.json", "report.md", "report.csv", "figure6.png",
+                     "cells.csv", "curves.csv")
 
 
 def string_constants(path: Path) -> set[str]:
