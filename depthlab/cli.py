@@ -234,14 +234,18 @@ def bench(
     compare: bool = typer.Option(False, "--compare", help="Instead: time fp32 and bf16, NCHW and channels_last, and show what auto picks here."),
 ) -> None:
     """Images/s: the common DataLoader way vs depthlab's single-cell path vs K cells at once."""
-    from .bench import BenchOptions, compare_paths, run_bench
+    from .bench import BenchOptions, BenchWorkerError, compare_paths, run_bench
 
     options = BenchOptions(arch=arch, depth=depth, shortcut=shortcut, batch_size=batch_size, precision=precision, steps=steps,
                            warmup=warmup, jobs=jobs, device=device, compile=compile_mode, baseline=baseline,
                            **({} if loader_workers is None else {"loader_workers": loader_workers}))
     with user_errors():
         options.cell()
-        result = compare_paths(options) if compare else run_bench(options)
+        try:
+            result = compare_paths(options) if compare else run_bench(options)
+        except BenchWorkerError as err:
+            errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(RUN_ERROR)
     if as_json:
         print(json.dumps(result, indent=2))
         return
