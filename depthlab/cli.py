@@ -259,6 +259,9 @@ def bench(
         if key in result:
             ratio = f"  ({result[key + '_speedup']:.2f}× baseline)" if key + "_speedup" in result else ""
             console.print(f"  {label:<45} {result[key]:>10,.0f} images/s{ratio}")
+    ran = result["single_cell_execution"]
+    console.print(f"  depthlab's step ran {ran['execution']}: {ran['dynamo_graphs']} graph(s), {ran['eager_steps']} eager step(s), "
+                  f"{ran['cudagraph_skips']} CUDA-graph skip(s) (--json for the reasons)", highlight=False)
 
 
 def _print_paths(result: dict) -> None:
