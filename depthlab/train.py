@@ -276,6 +276,23 @@ def combine_executions(executions: list[str]) -> str:
     return min(kinds, key=EXECUTIONS.index)
 
 
+class _CountedForward(nn.Module):
+    """The model as a compiled step calls it, counting the calls that run in Python rather than in a graph.
+
+    The count sits in the frame dynamo compiles, so when dynamo gives up on that frame (its limit of
+    graphs per function, a skipped frame) the count runs; inside a graph it was traced away.
+    """
+
+    def __init__(self, model: nn.Module, step: "TrainStep"):
+        super().__init__()
+        self.model, self.step = model, step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # while tracing this is True, and the count is not traced
+            self.step.eager_steps += 1
+        return self.model(x)
+
+
 class TrainStep:
     """One SGD step on a batch, optionally graph-compiled; returns loss and error count on the device.
 
@@ -297,27 +314,18 @@ class TrainStep:
         self.compiled = compile_mode != "none"
         self.cudagraphs = self.compiled and backend == "inductor" and compile_mode in CUDA_GRAPH_MODES
         self.cudagraphs_asked = self.cudagraphs
+        self.steps = self.eager_steps = 0
         self.forward = self._compile(compile_mode) if self.compiled else model
         self.fallback_reason: Optional[str] = None
         self.cudagraphs_fallback_reason: Optional[str] = None
         self.compile_seconds = 0.0
         self.failed_compile_seconds = 0.0
         self.timed_steps = 0
-        self.steps = self.eager_steps = 0
-        self._in_step = False
-        self._counters = None
-        if self.compiled:
-            self._counters = _CompileCounters()
-            model.register_forward_pre_hook(self._count_eager_forward)
+        self._counters = _CompileCounters() if self.compiled else None
 
     def _compile(self, mode: str) -> Callable:
         inductor_mode = mode if self.backend == "inductor" and mode != "default" else None  # other backends take no mode
-        return torch.compile(self.model, backend=self.backend, mode=inductor_mode)
-
-    def _count_eager_forward(self, module: nn.Module, args: tuple) -> None:
-        """Runs in Python only when the step's forward runs eagerly: inside a graph dynamo traced it away."""
-        if not torch.compiler.is_compiling() and self._in_step:  # while tracing, the test is False and reads nothing
-            self.eager_steps += 1
+        return torch.compile(_CountedForward(self.model, self), backend=self.backend, mode=inductor_mode)
 
     @property
     def execution(self) -> str:
@@ -339,11 +347,7 @@ class TrainStep:
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            self._in_step = True
-            try:
-                logits = self.forward(x)
-            finally:
-                self._in_step = False
+            logits = self.forward(x)
             loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

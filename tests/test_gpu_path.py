@@ -25,6 +25,7 @@ import depthlab.bench as bench_module
 import depthlab.fastpath as fastpath
 import depthlab.gpu_check as gpu_check
 import depthlab.sweep as sweep_module
+import depthlab.train as train_module
 from depthlab.bench import BenchOptions, BenchWorkerError, concurrent_rate
 from depthlab.config import RuntimeSpec, parse_config
 from depthlab.data import synthetic_images
@@ -74,6 +75,19 @@ def test_a_cell_asked_to_compile_that_dynamo_ran_eagerly_is_recorded_as_eager(tm
     assert (summary["compile_requested"], summary["compile_mode"], summary["execution"]) == ("default", "default", "eager")
     assert summary["eager_steps"] == summary["iterations"] == 2 and summary["dynamo_graphs"] == 0
     assert summary["fallback_reason"] is None
+
+
+def test_a_net_past_dynamo_s_limit_that_ran_eagerly_says_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a worker without the reset met: its next net ran in Python while the step still asked to compile."""
+    monkeypatch.setattr(train_module, "_keep_or_reset_compiled", lambda key: None)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        executions = []
+        for cell in tiny_cells(arch="plain") + tiny_cells(arch="residual"):
+            step = make_step(cell, CPU, COMPILED, "aot_eager").step
+            step(*BATCH)
+            step(*BATCH)
+            executions.append((step.execution, step.eager_steps, step.record().dynamo_graphs))
+    assert executions == [("compiled", 0, 1), ("eager", 2, 0)]
 
 
 def test_a_compiled_cell_records_its_graphs_and_no_eager_step(tmp_path: Path) -> None:
