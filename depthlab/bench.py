@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,16 @@ from .config import Cell, RuntimeSpec, parse_config
 from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
 from .models import build_model
 from .fastpath import resolve_channels_last, resolve_precision
-from .train import configure_device, device_name, epoch_generator, make_step, resolve_compile, resolve_device, synchronize
+from .train import (CompileRecord, configure_device, device_name, epoch_generator, make_step, one_line, prepare_worker_process,
+                    resolve_compile, resolve_device, synchronize)
+
+WORKER_POLL_SECONDS = 1.0  # how often the parent looks whether a silent worker is still alive
+WORKER_TIMEOUT_SECONDS = 1800.0  # a guess: K workers' start, data upload, compile and steps; a worker silent longer is stuck
+BARRIER_SECONDS = 600.0  # a guess: how long a worker waits for the others to finish compiling before it gives up
+
+
+class BenchWorkerError(RuntimeError):
+    """A concurrent-measurement worker died, failed or fell silent: the measurement has no result."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +124,26 @@ def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: 
     return steps * batch_size / (time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class Span:
+    """Wall-clock start and end of the timed steps, and how those steps ran."""
+
+    start: float
+    end: float
+    execution: dict
+
+
+def step_execution(step: Any) -> dict[str, Any]:
+    """A TrainStep's execution and its counts, for bench's JSON (the keys a summary records)."""
+    record: CompileRecord = step.record()
+    return {"execution": step.execution, "compile_mode": step.compile_mode, "fallback_reason": step.fallback_reason,
+            "cudagraphs_fallback_reason": step.cudagraphs_fallback_reason, "compile_seconds": step.compile_seconds,
+            **{key: value for key, value in dataclasses.asdict(record).items() if key != "steps"}}
+
+
 def _depthlab_span(cell: Cell, steps: int, warmup: int, device: torch.device, runtime: RuntimeSpec, images: Images,
-                   ready: Callable[[], None] = lambda: None) -> tuple[float, float]:
-    """Wall-clock start and end of `steps` timed steps of train_cell's own step, after `warmup` untimed ones.
+                   ready: Callable[[], None] = lambda: None) -> Span:
+    """`steps` timed steps of train_cell's own step, after `warmup` untimed ones.
 
     `ready` runs between the two (K processes meet there, so that they time the same interval).
     """
@@ -137,38 +164,88 @@ def _depthlab_span(cell: Cell, steps: int, warmup: int, device: torch.device, ru
                 break
         epoch += 1
     synchronize(device)
-    return started, time.time()
+    return Span(started, time.time(), step_execution(setup.step))
 
 
 def depthlab_rate(cell: Cell, steps: int, **args: Any) -> float:
     """Images/s of train_cell's own step: device-resident data, batched augmentation, no host syncs."""
-    start, end = _depthlab_span(cell, steps, **args)
-    return steps * cell.train.batch_size / (end - start)
+    return measure_depthlab(cell, steps, **args)[0]
 
 
-def _concurrent_worker(cell: Cell, args: dict, device_name_: str, jobs: int, barrier: Any, results: Any) -> None:
-    device = torch.device(device_name_)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
-    images = bench_images().to(device)
-    results.put(_depthlab_span(cell, device=device, images=images, ready=barrier.wait, **args))
+def measure_depthlab(cell: Cell, steps: int, **args: Any) -> tuple[float, dict]:
+    """Images/s of train_cell's own step, and how the step ran (step_execution)."""
+    span = _depthlab_span(cell, steps, **args)
+    return steps * cell.train.batch_size / (span.end - span.start), span.execution
 
 
-def concurrent_rate(cell: Cell, jobs: int, device: torch.device, steps: int, **args: Any) -> float:
-    """Aggregate images/s of `jobs` cells trained at once, each in its own process, over the same interval."""
+def indexed_device(device: torch.device) -> torch.device:
+    """A GPU with its index (`cuda` → `cuda:N`, the current one): what torch.cuda.set_device needs in a worker."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _concurrent_worker(cell: Cell, args: dict, device_name_: str, jobs: int, barrier: Any, results: Any, rank: int) -> None:
+    """One of K measuring processes: reports ("span", rank, Span) or ("error", rank, message), never silence."""
+    try:
+        device = torch.device(device_name_)
+        prepare_worker_process(device, jobs, resolve_compile(args["runtime"].compile, device))
+        images = bench_images().to(device)
+        span = _depthlab_span(cell, device=device, images=images, ready=lambda: barrier.wait(BARRIER_SECONDS), **args)
+        results.put(("span", rank, span))
+    except BaseException as err:
+        results.put(("error", rank, one_line(err)))
+        raise SystemExit(1) from None
+
+
+def _wait_for_workers(procs: list, results: Any, timeout: float) -> list[Span]:
+    """Each worker's Span; a worker that fails, dies (checked each WORKER_POLL_SECONDS) or outlasts `timeout` raises BenchWorkerError."""
+    deadline = time.monotonic() + timeout
+    spans: dict[int, Span] = {}
+    silent_dead: set[int] = set()
+    while len(spans) < len(procs):
+        try:
+            kind, rank, payload = results.get(timeout=WORKER_POLL_SECONDS)
+        except queue.Empty:
+            for rank, process in enumerate(procs):
+                if rank in spans or process.is_alive():
+                    continue
+                if process.exitcode != 0 or rank in silent_dead:  # a clean exit's result may still be in the queue: one more look
+                    raise BenchWorkerError(f"bench worker {rank} died (exit code {process.exitcode}) before it reported a measurement")
+                silent_dead.add(rank)
+            if time.monotonic() > deadline:
+                raise BenchWorkerError(f"bench workers did not report within {timeout:.0f} s (reported: {len(spans)} of {len(procs)})")
+            continue
+        if kind == "error":
+            raise BenchWorkerError(f"bench worker {rank} failed: {payload}")
+        spans[rank] = payload
+    return [spans[rank] for rank in range(len(procs))]
+
+
+def concurrent_rate(cell: Cell, jobs: int, device: torch.device, steps: int, target: Callable[..., None] | None = None,
+                    timeout: float = WORKER_TIMEOUT_SECONDS, **args: Any) -> tuple[float, list[dict]]:
+    """Aggregate images/s of `jobs` cells trained at once, each in its own process (`target`), over the same interval,
+    and how each one's step ran. A worker that dies or fails ends the measurement with BenchWorkerError, never a hang."""
     context = torch.multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(jobs), context.Queue()
     payload = dict(args, steps=steps)
-    procs = [context.Process(target=_concurrent_worker, args=(cell, payload, str(device), jobs, barrier, results)) for _ in range(jobs)]
-    for p in procs:
-        p.start()
-    spans = [results.get() for _ in procs]
-    for p in procs:
-        p.join()
-    wall = max(end for _, end in spans) - min(start for start, _ in spans)
-    return jobs * steps * cell.train.batch_size / wall
+    worker = target or _concurrent_worker
+    name = str(indexed_device(device))
+    procs = [context.Process(target=worker, args=(cell, payload, name, jobs, barrier, results, rank), daemon=True)
+             for rank in range(jobs)]
+    try:
+        for p in procs:
+            p.start()
+        spans = _wait_for_workers(procs, results, timeout)
+        for p in procs:
+            p.join(BARRIER_SECONDS)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    wall = max(span.end for span in spans) - min(span.start for span in spans)
+    return jobs * steps * cell.train.batch_size / wall, [span.execution for span in spans]
 
 
 def run_bench(options: BenchOptions) -> dict:
@@ -185,9 +262,9 @@ def run_bench(options: BenchOptions) -> dict:
         result["common_way"] = common_way_rate(options.arch, options.depth, options.batch_size, options.steps, options.warmup,
                                                device, images, options.loader_workers)
     timing = dict(steps=options.steps, warmup=options.warmup, runtime=runtime)
-    result["single_cell"] = depthlab_rate(cell, device=device, images=images.to(device), **timing)
+    result["single_cell"], result["single_cell_execution"] = measure_depthlab(cell, device=device, images=images.to(device), **timing)
     if options.jobs > 1:
-        result["concurrent"] = concurrent_rate(cell, options.jobs, device, **timing)
+        result["concurrent"], result["concurrent_execution"] = concurrent_rate(cell, options.jobs, device, **timing)
         result["jobs"] = options.jobs
     if options.baseline:
         for key in ("single_cell", "concurrent"):

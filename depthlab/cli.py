@@ -289,14 +289,18 @@ def bench(
     compare: bool = typer.Option(False, "--compare", help="Instead: time fp32 and bf16, NCHW and channels_last, and show what auto picks here."),
 ) -> None:
     """Images/s: the common DataLoader way vs depthlab's single-cell path vs K cells at once."""
-    from .bench import BenchOptions, compare_paths, run_bench
+    from .bench import BenchOptions, BenchWorkerError, compare_paths, run_bench
 
     options = BenchOptions(arch=arch.value, depth=depth, shortcut=shortcut.value, batch_size=batch_size, precision=precision.value,
                            steps=steps, warmup=warmup, jobs=jobs, device=device, compile=compile_mode.value, baseline=baseline,
                            **({} if loader_workers is None else {"loader_workers": loader_workers}))
     with user_errors():
         options.cell()
-        result = compare_paths(options) if compare else run_bench(options)
+        try:
+            result = compare_paths(options) if compare else run_bench(options)
+        except BenchWorkerError as err:
+            errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(RUN_ERROR)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -310,6 +314,9 @@ def bench(
         if key in result:
             ratio = f"  ({result[key + '_speedup']:.2f}× baseline)" if key + "_speedup" in result else ""
             console.print(f"  {label:<45} {result[key]:>10,.0f} images/s{ratio}")
+    ran = result["single_cell_execution"]
+    console.print(f"  depthlab's step ran {ran['execution']}: {ran['dynamo_graphs']} graph(s), {ran['eager_steps']} eager step(s), "
+                  f"{ran['cudagraph_skips']} CUDA-graph skip(s) (--json for the reasons)", highlight=False)
 
 
 def _print_paths(result: dict) -> None:

@@ -101,9 +101,21 @@ class Summary(TypedDict, total=False):
     compile_requested: str  # runtime.compile as configured: auto | none | default | reduce-overhead | max-autotune
     compile_mode: str  # what that resolved to on this device
     compile_backend: str  # torch.compile's backend (inductor)
-    execution: str  # compiled | eager (as asked) | eager-fallback (the compiler failed: see fallback_reason)
+    # compiled | eager (as asked, or dynamo ran every step in Python) | eager-fallback (the compiler failed: see
+    # fallback_reason) | compiled-without-cudagraphs (asked for CUDA graphs; skipped or failed, see the reasons) |
+    # partly-compiled (some steps ran eagerly); derived from the counts below since they were recorded
+    execution: str
     fallback_reason: Optional[str]
     compile_seconds: float  # the first compiled steps of every process that trained the cell, apart from train_seconds
+    failed_compile_seconds: float  # compiles that failed, in neither compile_seconds nor train_seconds
+    cudagraphs_fallback_reason: Optional[str]  # recording or replaying the CUDA graphs failed: compiled without them since
+    eager_steps: int  # steps asked to compile whose forward ran eagerly
+    dynamo_graphs: int  # graphs dynamo compiled for the cell (0 when it reused the graphs of an earlier seed of the net)
+    dynamo_recompiles: int  # of those, compiled because a cached graph's guards failed
+    recompile_reasons: list[str]
+    graph_breaks: int
+    cudagraph_skips: int  # graphs inductor did not capture in CUDA graphs
+    cudagraph_skip_reasons: list[str]  # inductor's messages ("skipping cudagraphs due to …")
     deterministic: bool  # runtime.deterministic: deterministic kernels, no cuDNN autotuning
     cudnn_benchmark: bool  # cuDNN autotuned its convolutions (GPU only)
     conv_tf32: bool  # fp32 convolutions ran in TF32 (GPU only)

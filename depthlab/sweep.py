@@ -39,7 +39,7 @@ from .fastpath import prepare_layouts
 from .layout import CellFolder, CellState, Damage, ResultsFolder
 from .options import NetSpec
 from .models import build_net, net_size
-from .train import CellEvents, device_name, resolve_device, train_cell
+from .train import CellEvents, device_name, prepare_worker_process, resolve_compile, resolve_device, train_cell
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = GIB  # a guess, not measured: one process's CUDA context, cuDNN/cuBLAS handles and workspaces
@@ -186,6 +186,7 @@ ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", ())  # torch >= 2.8 raise
 WORKER_FAULT_RETRIES = 2  # a guess: a cell that kills two fresh workers more is itself the cause, not bad luck
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 WORKER_EXIT_SECONDS = 30.0  # a guess: how long a worker that got its stop signal may take to finish exiting
+WORKER_POLL_SECONDS = 5.0  # a choice: how often the sweep looks whether a silent worker is still alive
 
 
 class StorageError(Exception):
@@ -326,10 +327,7 @@ def _worker(rank: int, parent_pid: int, lock: SharedLock, config: SweepConfig, c
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
     device = worker_device(device, rank)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
-    else:
-        torch.cuda.set_device(device)
+    prepare_worker_process(device, jobs, resolve_compile(config.runtime.compile, device))
     images = load_images(config.data).to(device)
     forward = PipeEvents(conn)
     serve(conn, lambda index: run_cell(cells[index], images, device, config, out_dir, forward,
@@ -351,11 +349,26 @@ def next_step(outcome: CellOutcome, attempts: int) -> Literal["record", "retry",
 
 @dataclasses.dataclass
 class WorkerHandle:
-    """The parent's side of one worker: its process, its pipe, and the cell it was sent."""
+    """The parent's side of one worker: its process, its pipe, the cell it was sent and the net it last trained."""
 
     process: Any
     conn: Any
     cell: int | None = None
+    net: tuple | None = None
+
+
+def compile_key(cell: Cell) -> tuple:
+    """What a worker compiles once and reuses: cells that share it (other seeds of a net) share its graphs."""
+    return cell.net_spec(), cell.train.batch_size, cell.train.precision
+
+
+def next_cell(pending: collections.deque, cells: list[Cell], net: tuple | None) -> int:
+    """The first pending cell of the net the worker already compiled, else the first pending cell (the longest)."""
+    same = next((index for index in pending if net is not None and compile_key(cells[index]) == net), None)
+    if same is None:
+        return pending.popleft()
+    pending.remove(same)
+    return same
 
 
 def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, jobs: int,
@@ -413,13 +426,18 @@ def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device:
             retired = [process for process in retired if process.exitcode is None]
             for handle in workers.values():
                 if handle.cell is None and pending:
-                    handle.cell = pending.popleft()
+                    handle.cell = next_cell(pending, cells, handle.net)
+                    handle.net = compile_key(cells[handle.cell])
                     with contextlib.suppress(BrokenPipeError):  # it just died: its end of file is read below
                         handle.conn.send(handle.cell)
             if not workers:
                 raise RuntimeError("all worker processes exited before the sweep finished (see the messages above)")
             by_conn = {handle.conn: rank for rank, handle in workers.items()}
-            for conn in connection.wait(list(by_conn)):
+            ready = connection.wait(list(by_conn), WORKER_POLL_SECONDS)
+            for conn, rank in by_conn.items():  # a dead worker whose pipe another process still holds open sends no end of file
+                if conn not in ready and not workers[rank].process.is_alive() and not conn.poll():
+                    lost(rank)
+            for conn in ready:
                 rank = by_conn[conn]
                 try:
                     kind, *rest = conn.recv()

@@ -11,6 +11,7 @@ and some kernels add with atomics, so the last bits differ.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -43,6 +44,9 @@ COMPILE_STEPS = 2  # steps timed as compilation: the first compiles, the second 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor modes that replay the step as CUDA graphs
 DEVICE_ERRORS = (torch.cuda.OutOfMemoryError,  # eager mode would fail the same way: never a reason to fall back
                  *([torch.AcceleratorError] if hasattr(torch, "AcceleratorError") else []))  # a CUDA fault; a plain RuntimeError in older torch
+CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"  # inductor's artifact logger for skipped captures (off by default)
+REASONS_KEPT = 10  # a choice: distinct skip or recompile reasons kept per cell; counts are kept whole
+REASON_CHARS = 300  # a choice: compiler messages run to pages
 DYNAMICS_BATCH = 128  # a choice: images of the fixed batch on which gradients and branch ratios are recorded each epoch
 PROGRESS_SECONDS = 2.0  # a choice, not measured: a live bar that moves, at a cost of one host clock read per step
 
@@ -157,13 +161,149 @@ def device_error_inside(err: BaseException) -> Optional[BaseException]:
     return None
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as one short line, for a summary."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:REASON_CHARS]
+
+
+class _Messages(logging.Handler):
+    """Keeps the messages a logger emits, so that a cell can record them whatever the log settings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split())[:REASON_CHARS])
+
+
+_cudagraph_skips = _Messages()
+
+
+def _listen_for_cudagraph_skips() -> _Messages:
+    """Attach the recorder to inductor's CUDA-graph logger once per process (it logs a skipped capture there only)."""
+    logger = logging.getLogger(CUDAGRAPH_LOGGER)
+    if _cudagraph_skips not in logger.handlers:
+        logger.addHandler(_cudagraph_skips)
+    return _cudagraph_skips
+
+
+@dataclass
+class CompileRecord:
+    """How the compiled step really ran, from dynamo's and inductor's own counters (what was asked is apart).
+
+    `steps` counts the steps of a compiling TrainStep, `eager_steps` those whose forward ran in
+    Python, not in a graph (dynamo hit its recompile limit or skipped the frame): a step that
+    was asked to compile and ran eagerly says so here.
+    """
+
+    steps: int = 0
+    eager_steps: int = 0
+    dynamo_graphs: int = 0  # graphs dynamo compiled (a seed of a net already compiled in the process reuses its graphs: 0)
+    dynamo_recompiles: int = 0  # of those, compiled because a cached graph's guards failed
+    graph_breaks: int = 0
+    cudagraph_skips: int = 0  # graphs inductor compiled but did not capture in CUDA graphs
+    recompile_reasons: list[str] = field(default_factory=list)
+    cudagraph_skip_reasons: list[str] = field(default_factory=list)
+
+    def add(self, other: "CompileRecord") -> None:
+        for name in ("steps", "eager_steps", "dynamo_graphs", "dynamo_recompiles", "graph_breaks", "cudagraph_skips"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("recompile_reasons", "cudagraph_skip_reasons"):
+            mine = getattr(self, name)
+            mine.extend(reason for reason in getattr(other, name) if reason not in mine)
+            del mine[REASONS_KEPT:]
+
+
+class _CompileCounters:
+    """A snapshot of the process's compile counters; `since` gives what happened after it."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.utils import counters
+
+        self.counters = counters
+        self.graphs, self.breaks, self.skips = self._totals()
+        self.skip_messages = len(_listen_for_cudagraph_skips().messages)
+        self.started_us = time.time_ns() // 1000
+
+    def _totals(self) -> tuple[int, int, int]:
+        counters = self.counters
+        return (counters["stats"]["unique_graphs"], sum(sum(c.values()) for c in counters["graph_break"].values()),
+                counters["inductor"]["cudagraph_skips"])
+
+    def since(self, steps: int, eager_steps: int) -> CompileRecord:
+        from torch._dynamo.utils import get_compilation_metrics
+
+        graphs, breaks, skips = self._totals()
+        reasons = [m.recompile_reason for m in get_compilation_metrics()
+                   if m.recompile_reason and (m.start_time_us or 0) >= self.started_us]
+        skip_reasons = list(dict.fromkeys(_cudagraph_skips.messages[self.skip_messages:]))
+        return CompileRecord(steps=steps, eager_steps=eager_steps, dynamo_graphs=max(0, graphs - self.graphs),
+                             dynamo_recompiles=len(reasons), graph_breaks=max(0, breaks - self.breaks),
+                             cudagraph_skips=max(0, skips - self.skips),
+                             recompile_reasons=list(dict.fromkeys(r[:REASON_CHARS] for r in reasons))[:REASONS_KEPT],
+                             cudagraph_skip_reasons=skip_reasons[:REASONS_KEPT])
+
+
+EXECUTIONS = ("eager-fallback", "eager", "partly-compiled", "compiled-without-cudagraphs", "compiled")  # least compiled first
+
+
+def derive_execution(compile_mode: str, fallback_reason: Optional[str], record: CompileRecord, cudagraphs_asked: bool,
+                     cudagraphs_failed: bool) -> str:
+    """What trained, from the counts: eager when every step's forward ran in Python, whatever was requested."""
+    if compile_mode == "none":
+        return "eager"
+    if fallback_reason:
+        return "eager-fallback"
+    if record.steps and record.eager_steps == record.steps:
+        return "eager"
+    if record.eager_steps:
+        return "partly-compiled"
+    if cudagraphs_asked and (cudagraphs_failed or record.cudagraph_skips):
+        return "compiled-without-cudagraphs"
+    return "compiled"
+
+
+def combine_executions(executions: list[str]) -> str:
+    """One cell's execution over the processes (and epochs) that trained it: a mix of eager and compiled is partly so."""
+    kinds = set(executions)
+    if not kinds:
+        return "eager"
+    if "eager-fallback" in kinds:
+        return "eager-fallback"
+    if "eager" in kinds and kinds != {"eager"}:
+        return "partly-compiled"
+    return min(kinds, key=EXECUTIONS.index)
+
+
+class _CountedForward(nn.Module):
+    """The model as a compiled step calls it, counting the calls that run in Python rather than in a graph.
+
+    The count sits in the frame dynamo compiles, so when dynamo gives up on that frame (its limit of
+    graphs per function, a skipped frame) the count runs; inside a graph it was traced away.
+    """
+
+    def __init__(self, model: nn.Module, step: "TrainStep"):
+        super().__init__()
+        self.model, self.step = model, step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # while tracing this is True, and the count is not traced
+            self.step.eager_steps += 1
+        return self.model(x)
+
+
 class TrainStep:
     """One SGD step on a batch, optionally graph-compiled; returns loss and error count on the device.
 
     When the compiler fails, the step trains eagerly from then on and keeps the reason in
     `fallback_reason`; a device error (out of memory, a CUDA fault) is raised instead, as eager
-    mode would meet it too. The first COMPILE_STEPS compiled steps are timed into
-    `compile_seconds`, so that training time and throughput leave compilation out.
+    mode would meet it too. When recording or replaying the step's CUDA graphs fails, the step
+    compiles again without CUDA graphs and retries once (`cudagraphs_fallback_reason`); only if
+    that retry fails too is the original error raised. The first COMPILE_STEPS compiled steps
+    (and a recompilation without CUDA graphs) are timed into `compile_seconds`, so that training
+    time and throughput leave compilation out; a compile that failed goes to
+    `failed_compile_seconds`. `record()` says how the steps really ran.
     `backend` is torch.compile's; tests pass a cheap one (`aot_eager`) or a recording function.
     """
 
@@ -172,19 +312,32 @@ class TrainStep:
         self.model, self.optimizer, self.bf16 = model, optimizer, bf16
         self.compile_mode, self.backend = compile_mode, backend
         self.compiled = compile_mode != "none"
-        inductor_mode = compile_mode if backend == "inductor" and compile_mode != "default" else None  # other backends take no mode
-        self.forward = torch.compile(model, backend=backend, mode=inductor_mode) if self.compiled else model
         self.cudagraphs = self.compiled and backend == "inductor" and compile_mode in CUDA_GRAPH_MODES
+        self.cudagraphs_asked = self.cudagraphs
+        self.steps = self.eager_steps = 0
+        self.forward = self._compile(compile_mode) if self.compiled else model
         self.fallback_reason: Optional[str] = None
+        self.cudagraphs_fallback_reason: Optional[str] = None
         self.compile_seconds = 0.0
+        self.failed_compile_seconds = 0.0
         self.timed_steps = 0
+        self._counters = _CompileCounters() if self.compiled else None
+
+    def _compile(self, mode: str) -> Callable:
+        inductor_mode = mode if self.backend == "inductor" and mode != "default" else None  # other backends take no mode
+        return torch.compile(_CountedForward(self.model, self), backend=self.backend, mode=inductor_mode)
 
     @property
     def execution(self) -> str:
-        """What trains: `compiled`, `eager` (as asked) or `eager-fallback` (the compiler failed)."""
-        if self.compile_mode == "none":
-            return "eager"
-        return "eager-fallback" if self.fallback_reason else "compiled"
+        """What trains, from this process's counts: see derive_execution."""
+        return derive_execution(self.compile_mode, self.fallback_reason, self.record(), self.cudagraphs_asked,
+                                self.cudagraphs_fallback_reason is not None)
+
+    def record(self) -> CompileRecord:
+        """How this process's steps ran so far (all zeros for an eager step)."""
+        if self._counters is None:
+            return CompileRecord()
+        return self._counters.since(self.steps, self.eager_steps)
 
     @property
     def backend_name(self) -> str:
@@ -204,13 +357,18 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.compiled:
             return self._run(x, y)
+        self.steps += 1
         if self.timed_steps >= COMPILE_STEPS:
             return self._run_or_fall_back(x, y)
         synchronize(x.device)
-        started = time.perf_counter()
+        started, booked = time.perf_counter(), self.compile_seconds
         result = self._run_or_fall_back(x, y)
         synchronize(x.device)
-        self.compile_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started - (self.compile_seconds - booked)  # a recompilation books its own time
+        if self.fallback_reason:
+            self.failed_compile_seconds += elapsed  # the compile failed: neither compilation nor training
+        else:
+            self.compile_seconds += elapsed
         self.timed_steps += 1
         return result
 
@@ -218,15 +376,43 @@ class TrainStep:
         try:
             return self._run(x, y)
         except Exception as err:
-            if not isinstance(err, compiler_errors()):
-                raise
-            device_error = device_error_inside(err)
-            if device_error is not None:
-                raise device_error from err
-            self.fallback_reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]  # compiler messages run to pages
-            warnings.warn(f"torch.compile failed ({self.fallback_reason}); training this cell eagerly")
-            self.forward, self.compiled, self.cudagraphs = self.model, False, False
-            return self._run(x, y)
+            if isinstance(err, compiler_errors()):
+                device_error = device_error_inside(err)
+                if device_error is not None:
+                    raise device_error from err
+                return self._fall_back_to_eager(err, x, y)
+            if self.cudagraphs and not isinstance(err, torch.cuda.OutOfMemoryError):
+                return self._fall_back_from_cudagraphs(err, x, y)
+            raise
+
+    def _fall_back_to_eager(self, err: Exception, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.fallback_reason = one_line(err)
+        warnings.warn(f"torch.compile failed ({self.fallback_reason}); training this cell eagerly")
+        self.forward, self.compiled, self.cudagraphs = self.model, False, False
+        return self._run(x, y)
+
+    def _fall_back_from_cudagraphs(self, err: Exception, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record or replay of a CUDA graph failed: compile again without CUDA graphs and retry this step once.
+
+        The step's gradients are cleared before each backward and the optimizer runs after it, so a
+        step that failed in its forward or backward left the weights as they were (BatchNorm's
+        running statistics may have moved once more).
+        """
+        synchronize(x.device)
+        started = time.perf_counter()
+        torch._dynamo.reset()  # drops the graphs, their CUDA-graph trees and memory pool
+        forget_compiled_nets()
+        self.cudagraphs = False
+        self.forward = self._compile("default")
+        try:
+            result = self._run_or_fall_back(x, y)
+        except Exception as retry_error:
+            raise err from retry_error  # not the CUDA graphs: the original error stands
+        synchronize(x.device)
+        self.cudagraphs_fallback_reason = one_line(err)
+        warnings.warn(f"CUDA graphs failed ({self.cudagraphs_fallback_reason}); training this cell compiled without them")
+        self.compile_seconds += time.perf_counter() - started
+        return result
 
 
 def make_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.SGD:
@@ -293,7 +479,11 @@ class TrainState:
     warming_up: bool = False
     train_seconds: float = 0.0  # the training loop, less compilation and evaluation
     compile_seconds: float = 0.0  # the compiled steps timed as compilation, in every process that trained the cell
+    failed_compile_seconds: float = 0.0  # compiles that failed (the step then trained eagerly)
     fallback_reason: Optional[str] = None  # why a process gave up compiling and trained eagerly
+    cudagraphs_fallback_reason: Optional[str] = None  # why a process gave up CUDA graphs and trained compiled without them
+    executions: list[str] = field(default_factory=list)  # how each process's steps ran so far (derive_execution)
+    compile_record: dict = field(default_factory=dict)  # CompileRecord of every process, summed
     warmup_ended_at: Optional[int] = None  # the iteration at which the warm-up lr gave way to the schedule
 
 
@@ -317,26 +507,62 @@ class TrainingSetup:
         return "channels_last" if self.memory_format == torch.channels_last else "nchw"
 
 
-def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
-    """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use.
+_compiled_nets: set[tuple] = set()  # what this process compiled since dynamo's last reset
 
-    A compiled step starts from empty compiler caches: dynamo keeps at most 8 graphs of one
-    function (`CifarNet.forward`) per process and runs any further net eagerly without a word,
-    and the reset also frees the previous cell's CUDA-graph memory.
-    """
+
+def forget_compiled_nets() -> None:
+    """After torch._dynamo.reset(): nothing compiled is kept."""
+    _compiled_nets.clear()
+
+
+def recompile_limit() -> int:
+    """dynamo's graphs per function (8 by default; `cache_size_limit` in torch < 2.6)."""
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8))
+
+
+def _keep_or_reset_compiled(key: tuple) -> None:
+    """Compile each distinct net once per process: a net already compiled reuses its graphs (another seed
+    is the same graph with other weights); dynamo is reset only when one more net would pass its limit of
+    graphs per function, beyond which it would run the net eagerly without a word."""
+    if key in _compiled_nets:
+        return
+    if len(_compiled_nets) >= recompile_limit():
+        torch._dynamo.reset()
+        forget_compiled_nets()
+    _compiled_nets.add(key)
+
+
+def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
+    """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use."""
     configure_device(device, runtime.deterministic)
     compile_mode = resolve_compile(runtime.compile, device)
-    if compile_mode != "none":
-        torch._dynamo.reset()
     torch.manual_seed(cell.seed)
     model = build_net(cell.net_spec()).to(device)
     precision = resolve_precision(cell.train.precision, device)
     channels_last = resolve_channels_last(runtime.channels_last, device, precision == "bf16")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if compile_mode != "none":
+        backend = compile_backend if isinstance(compile_backend, str) else id(compile_backend)
+        _keep_or_reset_compiled((cell.net_spec(), cell.train.batch_size, precision, channels_last, compile_mode, backend, str(device)))
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, cell.train, device)
     step = TrainStep(model, optimizer, precision == "bf16", compile_mode, compile_backend)
     return TrainingSetup(model, optimizer, step, memory_format, precision)
+
+
+def prepare_worker_process(device: torch.device, jobs: int, compile_mode: str) -> None:
+    """A worker's share of the machine: its GPU, or on a CPU its share of the cores for torch's threads; and
+    its share of the cores for inductor's compile workers (by default each process starts as many as the machine has)."""
+    share = max(1, (os.cpu_count() or 1) // jobs)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(share)
+    if compile_mode != "none":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = share
 
 
 def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
@@ -453,14 +679,16 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     while state.iteration < schedule.total and not diverged:
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             return {"id": cell.id, "status": "interrupted", "epochs": state.epoch}
-        started, compiled_before = time.perf_counter(), setup.step.compile_seconds
+        started, compiled_before, failed_before = time.perf_counter(), setup.step.compile_seconds, setup.step.failed_compile_seconds
+        record_before = setup.step.record()
         setup.model.train()
         generator = epoch_generator(cell.seed, state.epoch, device)
         batches = ((training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
                    for index in epoch_batches(n_train, spec.batch_size, generator, device))
         train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device, progress)
         diverged = not math.isfinite(train_loss)
-        _book_training_time(state, setup.step, time.perf_counter() - started, setup.step.compile_seconds - compiled_before)
+        _book_training_time(state, setup.step, time.perf_counter() - started, setup.step.compile_seconds - compiled_before,
+                            setup.step.failed_compile_seconds - failed_before, _epoch_record(record_before, setup.step.record()))
         row = {"epoch": state.epoch + 1, "iteration": state.iteration, "lr": lr, "train_loss": train_loss, "train_err": train_err}
         if not diverged:
             state.dynamics.append({"epoch": state.epoch + 1, **training_dynamics(setup.model, *dynamics_batch, setup.bf16)})
@@ -490,11 +718,30 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     return summary
 
 
-def _book_training_time(state: TrainState, step: TrainStep, elapsed: float, compiling: float) -> None:
-    """Split an epoch's training-loop time into compilation and training, and keep any fallback's reason."""
+def _book_training_time(state: TrainState, step: TrainStep, elapsed: float, compiling: float, failed: float,
+                        record: CompileRecord) -> None:
+    """Split an epoch's training-loop time into compilation and training, and add how the epoch's steps ran.
+
+    `record` is this epoch's part of the step's counts; the process's execution so far joins the cell's.
+    """
     state.compile_seconds += compiling
-    state.train_seconds += elapsed - compiling
+    state.failed_compile_seconds += failed
+    state.train_seconds += elapsed - compiling - failed
     state.fallback_reason = state.fallback_reason or step.fallback_reason
+    state.cudagraphs_fallback_reason = state.cudagraphs_fallback_reason or step.cudagraphs_fallback_reason
+    total = CompileRecord(**state.compile_record)
+    total.add(record)
+    state.compile_record = asdict(total)
+    if step.execution not in state.executions:
+        state.executions.append(step.execution)
+
+
+def _epoch_record(before: CompileRecord, after: CompileRecord) -> CompileRecord:
+    """What one epoch added to a process's counts (reasons: those first seen in it)."""
+    counts = {name: getattr(after, name) - getattr(before, name)
+              for name in ("steps", "eager_steps", "dynamo_graphs", "dynamo_recompiles", "graph_breaks", "cudagraph_skips")}
+    return CompileRecord(**counts, recompile_reasons=[r for r in after.recompile_reasons if r not in before.recompile_reasons],
+                         cudagraph_skip_reasons=[r for r in after.cudagraph_skip_reasons if r not in before.cudagraph_skip_reasons])
 
 
 def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device, runtime: RuntimeSpec,
@@ -506,7 +753,6 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
     params, macs = net_size(cell.net_spec())
     last = state.rows[-1]
     step = setup.step
-    execution = "eager-fallback" if state.fallback_reason else step.execution
     return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
                    params=params, macs=macs, epochs=state.epoch, iterations=state.iteration,
                    train_seconds=state.train_seconds, device=str(device), device_name=device_name(device),
@@ -515,6 +761,9 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
                    images_per_second=state.iteration * cell.train.batch_size / max(state.train_seconds, 1e-9),
                    final={k: v for k, v in last.items() if k not in ("epoch", "iteration", "lr", "seconds")},
                    compile_requested=runtime.compile, compile_mode=step.compile_mode, compile_backend=step.backend_name,
-                   execution=execution, fallback_reason=state.fallback_reason, compile_seconds=state.compile_seconds,
+                   execution=combine_executions(state.executions), fallback_reason=state.fallback_reason,
+                   compile_seconds=state.compile_seconds, failed_compile_seconds=state.failed_compile_seconds,
+                   cudagraphs_fallback_reason=state.cudagraphs_fallback_reason,
+                   **{key: value for key, value in CompileRecord(**state.compile_record).__dict__.items() if key != "steps"},
                    precision=setup.precision, memory_format=setup.layout,
                    **kernel_settings(device))

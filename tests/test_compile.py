@@ -195,9 +195,9 @@ def test_the_bench_baseline_runs_under_the_settings_depthlab_s_side_runs_under(m
     calls = []
     monkeypatch.setattr(bench_module, "configure_device", lambda device, deterministic: calls.append(("configure", deterministic)))
     monkeypatch.setattr(bench_module, "common_way_rate", lambda *args, **kwargs: calls.append("baseline") or 1.0)
-    monkeypatch.setattr(bench_module, "depthlab_rate", lambda *args, **kwargs: calls.append("depthlab") or 2.0)
+    monkeypatch.setattr(bench_module, "measure_depthlab", lambda *args, **kwargs: calls.append("depthlab") or (2.0, {}))
     run_bench(BenchOptions(depth=8, steps=1, warmup=0, jobs=1, device="cpu"))
-    assert calls == [("configure", False), "baseline", "depthlab"]  # make_step configures the same again inside depthlab_rate
+    assert calls == [("configure", False), "baseline", "depthlab"]  # make_step configures the same again inside measure_depthlab
 
 
 def conv_output_bytes(depth: int) -> int:
