@@ -282,6 +282,7 @@ def probe(
     from .data import DataError
     from .options import ARCHS, depth_error
     from .probe import probe_batch, probe_depths, probe_figure, probe_trained
+    from .sweep import storage_errors
 
     with user_errors():
         for a in arch:
@@ -319,9 +320,10 @@ def probe(
                       f"{result.gradient_correlation:.4f}")
         return
     frame = probe_depths(arch, depth, batch=batch, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "probe.csv", index=False)
-    probe_figure(frame).savefig(out / "probe.png", dpi=120)
+    with user_errors(), storage_errors(out, advice="free space or make the folder writable, or use another --out"):
+        out.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out / "probe.csv", index=False)
+        probe_figure(frame).savefig(out / "probe.png", dpi=120)
     if fmt is Format.json:
         print(frame.to_json(orient="records", indent=2))
     elif fmt is Format.markdown:

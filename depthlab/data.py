@@ -99,10 +99,36 @@ def synthetic_images(train_size: int = 1000, test_size: int = 500, seed: int = 0
 # ----------------------------------------------------------------------------- layouts on disk
 
 
+# Every global a CIFAR-10 batch names: numpy's array and scalar constructors (numpy.core under numpy 1, which wrote the
+# published batches; numpy._core under numpy 2) and _codecs.encode, which Python 3 names for bytes at protocols 0-2.
+# Unpickling calls whatever a file names — os.system as readily as these — so everything else is refused.
+CIFAR_PICKLE_GLOBALS = frozenset(
+    {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    | {(f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")}
+    | {(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")}
+)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that a CIFAR-10 batch never needs."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, str, bytes, numbers and numpy arrays, and nothing that could run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(file: Path) -> object:
     try:
         with open(file, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _BatchUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise DataError(f"{file}: not loaded: the pickle names the global {err}, which could run code (it was not called); a "
+                        "CIFAR-10 batch holds only dicts, lists, str, bytes, ints and numpy arrays: re-download it from its source") from None
     except Exception as err:  # unpickling a damaged file can raise almost any exception (pickle's docs say so)
         raise DataError(f"{file}: not a readable pickle ({type(err).__name__}: {err}); re-download or re-create it") from None
 
@@ -333,13 +359,21 @@ def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int) -> tu
     return x[keep], y[keep]
 
 
-def _check_cifar10_classes(path: Path, classes: tuple[str, ...]) -> None:
-    """With data.source cifar10 the labels mean CIFAR-10's classes; ten folders of anything else are another data set."""
+def _check_cifar10_classes(path: Path, images: Images) -> None:
+    """With data.source cifar10 the labels mean CIFAR-10's classes; ten folders of anything else are another data set,
+    and an empty class folder would train and test on nine classes without a word."""
+    classes = images.classes
     if set(classes) != set(CIFAR10_CLASSES):
         raise DataError(
             f"{path}: data.source is cifar10, so the class folders must be CIFAR-10's ({', '.join(CIFAR10_CLASSES)}); "
             f"found {', '.join(classes)}. For another labelled image set use data.source: folder"
         )
+    for split, labels in zip(SPLITS, (images.train_y, images.test_y)):
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+        empty = [f"{split}/{name}/" for name, count in zip(classes, counts) if count == 0]
+        if empty:
+            raise DataError(f"{path}: no images in {', '.join(empty)}; data.source is cifar10, so each of its ten classes "
+                            f"needs images under train/<class>/ and test/<class>/ ({'|'.join(IMAGE_SUFFIXES)})")
 
 
 def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
@@ -357,7 +391,7 @@ def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
             raise DataError(f"{path}: no such file or folder")
         images = read_dataset(path, cache_dir)
         if spec.source == "cifar10":
-            _check_cifar10_classes(path, images.classes)
+            _check_cifar10_classes(path, images)
         images.train_x, images.train_y = _subset(images.train_x, images.train_y, spec.train_size, seed=1)
         images.test_x, images.test_y = _subset(images.test_x, images.test_y, spec.test_size, seed=2)
     if spec.val_split:

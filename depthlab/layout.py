@@ -4,7 +4,8 @@
         sweep.yaml          the config as run (every cell spelled out)
         environment.json    versions, device and git commit of the latest run
         .lock               held while a sweep, or any of its workers, runs in this folder
-        report.md, report.csv, figure6.png, dynamics.png
+        report.md, report.csv, figure6.png, dynamics.png, verdict.png
+        verdict_looks.jsonl the seed sets the verdict has judged (one JSON object a line)
         cells/<id>/
             config.json     what defines the cell, its fingerprint and its run length
             metrics.csv     one row per epoch (METRIC_COLUMNS)
@@ -311,6 +312,15 @@ class ResultsFolder:
     @property
     def dynamics_figure(self) -> Path:
         return self.path / "dynamics.png"
+
+    @property
+    def verdict_figure(self) -> Path:
+        return self.path / "verdict.png"
+
+    @property
+    def verdict_looks(self) -> Path:
+        """One JSON line per seed set the verdict judged here: a later superset of one is a later look."""
+        return self.path / "verdict_looks.jsonl"
 
     def cell(self, cell_id: str) -> CellFolder:
         return CellFolder(self.cells_dir / cell_id)

@@ -10,7 +10,9 @@ with depth for plain nets, and not for ResNets? Its answer is reproduced, not re
 from __future__ import annotations
 
 import io
+import json
 import math
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +30,7 @@ from .config import Cell, ConfigError, parse_config
 from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
 from .paper import CITATION, paper_test_error
-from .verdict import base_cell_key, decide
+from .verdict import base_cell_key, decide, mean_interval
 
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
 KEYS = ["arch", "depth", "variant"]
@@ -250,9 +252,59 @@ def _verdict_cells(records: list[_CellRecord]) -> pd.DataFrame:
     return pd.concat([ended, waiting], ignore_index=True) if len(ended) else waiting
 
 
-def compute_verdict(cells: pd.DataFrame) -> dict[str, Any]:
-    """The Figure-6 verdict on one row per cell (see verdict.decide for the columns and the rule)."""
-    return decide(cells)
+def compute_verdict(cells: pd.DataFrame, judged_before: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The Figure-6 verdict on one row per cell (see verdict.decide for the columns and the rule), knowing the seed
+    sets judged before in the same folder (entries of verdict_looks.jsonl)."""
+    verdict = decide(cells, judged_before=[entry["cells"] for entry in judged_before])
+    if verdict["looks"]:
+        verdict["looks"]["earlier"] = [{k: judged_before[i].get(k) for k in ("look", "outcome", "alpha", "judged_at")}
+                                       | {"cells": len(judged_before[i]["cells"])} for i in verdict["looks"]["earlier"]]
+    return verdict
+
+
+def _judged_before(results: ResultsFolder) -> tuple[list[dict[str, Any]], list[str]]:
+    """The seed sets judged before in this folder, and a note per line of verdict_looks.jsonl that does not read back."""
+    path = results.verdict_looks
+    try:
+        lines = path.read_text().splitlines() if path.is_file() else []
+    except (OSError, UnicodeDecodeError) as err:
+        return [], [f"{path} does not read back ({err}); earlier looks are not counted"]
+    entries, notes = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+            valid = isinstance(entry, dict) and isinstance(entry.get("cells"), list) and all(isinstance(c, str) for c in entry["cells"])
+        except ValueError:
+            valid = False
+        if valid:
+            entries.append(entry)
+        elif line.strip():
+            notes.append(f"{path.name} line {number} is not a judged seed set; it is left out of the look count")
+    return entries, notes
+
+
+def _record_look(results: ResultsFolder, verdict: dict[str, Any], judged_before: list[dict[str, Any]]) -> None:
+    """Append this seed set to verdict_looks.jsonl the first time a complete grid of it is judged.
+
+    A folder that cannot be written still gets its report: the verdict then says that this look is not on record.
+    """
+    looks = verdict["looks"]
+    if looks is None:
+        return
+    if any(set(entry["cells"]) == set(looks["cells"]) for entry in judged_before):
+        looks["recorded"] = True
+        return
+    path = results.verdict_looks
+    entry = {"look": looks["look"], "cells": looks["cells"], "outcome": verdict["outcome"], "alpha": looks["alpha"],
+             "judged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        earlier = path.read_text() if path.is_file() else ""
+        files.write_text(path, earlier + ("" if not earlier or earlier.endswith("\n") else "\n") + json.dumps(entry) + "\n")
+        looks["recorded"] = True
+    except OSError as err:
+        looks["recorded"] = False
+        verdict["notes"].append(f"this look could not be recorded in {path.name} ({err.strerror or err}): "
+                                f"a later verdict on more seeds will not know it came after this one")
 
 
 def build_report(results_dir: Path) -> Report:
@@ -264,7 +316,11 @@ def build_report(results_dir: Path) -> Report:
     name, expected, notes = _expected_cells(results)
     records = _read_cells(results, expected)
     rows = _aggregate(_cell_frame(records))
-    return Report(name=name or results_dir.name, rows=rows, verdict=compute_verdict(_verdict_cells(records)),
+    judged_before, look_notes = _judged_before(results)
+    verdict = compute_verdict(_verdict_cells(records), judged_before)
+    _record_look(results, verdict, judged_before)
+    notes += look_notes
+    return Report(name=name or results_dir.name, rows=rows, verdict=verdict,
                   missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records), dynamics=_dynamics(records))
 
 
@@ -321,11 +377,20 @@ def verdict_headline(verdict: dict[str, Any]) -> str:
     return f"{word}: {verdict['reason']}"
 
 
+def _shown_interval(low: float, high: float) -> str:
+    """A 95 % interval of an error rate, clipped to [0, 100] for display: the t interval of two seeds can reach past both."""
+    return f"[{_fmt(max(low, 0.0))}, {_fmt(min(high, 100.0))}]"
+
+
 def _depth_value(depth: int, mean: float, interval: list[Optional[float]], n_seeds: int) -> str:
     """'20: 5.10 [4.20, 6.00] (n=3)'; no interval with one seed."""
     low, high = interval
-    spread = f" [{_fmt(low)}, {_fmt(high)}]" if low is not None and math.isfinite(low) else ""
+    spread = f" {_shown_interval(low, high)}" if low is not None and math.isfinite(low) else ""
     return f"{depth}: {_fmt(mean)}{spread} (n={n_seeds})"
+
+
+def _bounds(entry: dict[str, Any]) -> str:
+    return f"{entry['gap']:+.2f} pp, one-sided bounds [{entry['low']:+.2f}, {entry['high']:+.2f}] (Welch df {entry['df']:.1f})"
 
 
 def _trend_line(arch: str, trend: dict[str, Any]) -> str:
@@ -333,19 +398,35 @@ def _trend_line(arch: str, trend: dict[str, Any]) -> str:
     per_depth = ", ".join(_depth_value(*values) for values in
                           zip(trend["depths"], trend["err"], trend["err_ci"], trend["n_seeds"]))
     line = f"{ARCH_LABELS[arch]}: clean training error % by depth {per_depth or 'none'}"
-    if trend["gap"] is None:
+    if trend["gap"] is None or arch != "plain":
         return line + "."
-    return (f"{line}; deepest − shallowest {trend['gap']:+.2f} pp, one-sided bounds "
-            f"[{trend['low']:+.2f}, {trend['high']:+.2f}] (Welch df {trend['df']:.1f}).")
+    return f"{line}; deepest − shallowest {_bounds(trend)}."
+
+
+def _seed_line(name: str, cell: dict[str, Any], outliers: list[dict[str, Any]]) -> str:
+    """'ResNet-20 seeds: 44.10 (s0), 45.00 (s1), 54.30 (s2, outlier)' — every seed's clean training error."""
+    marked = {o["seed"] for o in outliers if o["cell"] == name}
+    label = f"{ARCH_LABELS[cell['arch']]}-{cell['depth']}"
+    pair = None in marked
+    values = ", ".join(f"{value:.2f} (s{seed}{', outlier' if seed in marked else ''})"
+                       for seed, value in zip(cell["seeds"], cell["values"]))
+    return f"{label} seeds: {values}" + (" — far apart (outlier pair)" if pair else "")
 
 
 def _verdict_lines(verdict: dict[str, Any]) -> list[str]:
-    """The lines under the headline: each architecture, plain vs ResNet at the deepest common depth, the notes."""
+    """The lines under the headline: each architecture, every ResNet step, the interaction, plain vs ResNet at the
+    deepest common depth, every seed's value, the notes."""
     lines = [_trend_line(arch, verdict["details"][arch]) for arch in ARCHS]
+    lines += [f"{step['span']}: {_bounds(step)}." for step in verdict.get("residual_steps", [])]
+    interaction = verdict.get("interaction")
+    if interaction:
+        (p_lo, p_hi), (r_lo, r_hi) = interaction["plain_span"], interaction["residual_span"]
+        lines.append(f"interaction (plain-{p_lo}→{p_hi} rise − ResNet-{r_lo}→{r_hi} rise): {_bounds(interaction)}.")
     cross = verdict["cross"]
     if cross:
         lines.append(f"plain-{cross['depth']} − ResNet-{cross['depth']}: {cross['gap']:+.2f} pp, one-sided bounds "
                      f"[{cross['low']:+.2f}, {cross['high']:+.2f}].")
+    lines += [_seed_line(name, cell, verdict.get("outliers", [])) for name, cell in verdict.get("seeds", {}).items()]
     lines += [f"Note — {note}." for note in verdict["notes"]]
     return lines
 
@@ -413,6 +494,9 @@ def report_markdown(report: Report) -> str:
         text += ["## How it ran", ""] + [f"- {_ran_line(entry)}" for entry in report.ran] + [""]
     figure = ResultsFolder(Path(".")).figure.name
     text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({figure})", ""]
+    if report.verdict.get("seeds"):
+        name = ResultsFolder(Path(".")).verdict_figure.name
+        text += [f"![The verdict's numbers: clean training error vs depth, every seed a dot]({name})", ""]
     if _has_dynamics(report):
         name = ResultsFolder(Path(".")).dynamics_figure.name
         text += [f"![Gradients reaching stage 1 and branch sizes per epoch]({name})", ""]
@@ -466,6 +550,60 @@ def figure6(report: Report) -> Figure:
     return fig
 
 
+def _verdict_title(report: Report) -> str:
+    """What the verdict figure shows: data, budget, seeds and outcome."""
+    verdict = report.verdict
+    data, counts = verdict["data"], sorted({len(cell["values"]) for cell in verdict["seeds"].values()})
+    seeds = f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]}–{counts[-1]}"
+    budget = (f", {data['iterations']:,} iterations × {data['batch_size']}"
+              if data.get("iterations") and data.get("batch_size") else "")
+    outcome = verdict["outcome"].replace("_", " ") + (f" ({verdict['label']})" if verdict.get("label") else "")
+    return (f"{report.name}: {data.get('source') or 'images'}, {data['images']:,} training images{budget}, "
+            f"{seeds} seed{'s' if counts[-1] > 1 else ''} per net\nverdict: {outcome}")
+
+
+def verdict_figure(report: Report) -> Optional[Figure]:
+    """The numbers the verdict decides on: final clean training error vs depth per family — each seed a dot, the
+    mean with its 95 % interval (clipped to [0, 100]), outlier seeds ringed. None when no cell has finished."""
+    verdict = report.verdict
+    cells = verdict.get("seeds") or {}
+    if not cells:
+        return None
+    depths = sorted({cell["depth"] for cell in cells.values()})
+    position = {d: i for i, d in enumerate(depths)}  # evenly spaced: 8 and 20 layers do not crowd each other
+    outliers = {(o["cell"], o["seed"]) for o in verdict.get("outliers", [])}
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for arch, shift, colour in (("plain", -0.07, "C3"), ("residual", 0.07, "C0")):  # each family's seeds on its outer side
+        family = [cell for cell in cells.values() if cell["arch"] == arch]
+        xs, means = [], []
+        for cell in family:
+            x, values = position[cell["depth"]] + shift, cell["values"]
+            mean = float(np.mean(values))
+            low, high = mean_interval(values)
+            if math.isfinite(low):
+                ax.errorbar([x], [mean], yerr=[[mean - max(low, 0.0)], [min(high, 100.0) - mean]], color=colour,
+                            capsize=4, lw=1.5)
+            ax.scatter([x + shift] * len(values), values, s=16, color=colour, alpha=0.6, zorder=3)
+            ringed = [v for seed, v in zip(cell["seeds"], cell["values"])
+                      if (f"{arch}-{cell['depth']}", seed) in outliers or (f"{arch}-{cell['depth']}", None) in outliers]
+            if ringed:
+                ax.scatter([x + shift] * len(ringed), ringed, s=90, facecolors="none", edgecolors="black", zorder=4,
+                           label="outlier seed" if not any(t.get_label() == "outlier seed" for t in ax.collections) else None)
+            xs.append(x)
+            means.append(mean)
+        if xs:
+            ax.plot(xs, means, "o-", color=colour, lw=2, label=f"{ARCH_LABELS[arch]} (mean, 95 % interval)")
+    ax.set_xticks(range(len(depths)), [str(d) for d in depths])
+    ax.set_xlim(-0.5, len(depths) - 0.5)
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("final clean training error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title(_verdict_title(report), fontsize=9)
+    return fig
+
+
 def _has_dynamics(report: Report) -> bool:
     data = report.dynamics
     return not data.empty and {"grad_norm/stage1", "grad_norm/classifier"} <= set(data.columns) and (data.variant == "").any()
@@ -496,7 +634,8 @@ def dynamics_figure(report: Report) -> Optional[Figure]:
         bottom.set_xlabel("epoch")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(depths), 5), fontsize=9, frameon=False)
+        if bottom.get_legend_handles_labels()[0]:  # a column without curves (one architecture ran) has nothing to list
+            bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(depths), 5), fontsize=9, frameon=False)
     axes[0][0].set_ylabel("‖∂L/∂W‖ stage 1 / classifier")
     axes[1][0].set_ylabel("branch RMS(F(x)) / RMS(x), mean over stages")
     fig.suptitle(f"{report.name}: gradients and blocks during training (one fixed batch per epoch, mean over seeds)", fontsize=10)
@@ -510,13 +649,18 @@ def _write_png(path: Path, fig: Figure) -> None:
 
 
 def write_report(report: Report, results_dir: Path) -> list[Path]:
-    """Write report.md, report.csv, figure6.png (and dynamics.png when cells recorded it) into `results_dir`; return their paths."""
+    """Write report.md, report.csv, figure6.png, verdict.png (when a cell finished) and dynamics.png (when cells
+    recorded it) into `results_dir`; return their paths."""
     results = ResultsFolder(Path(results_dir))
     md, csv, png = results.report_md, results.report_csv, results.figure
     files.write_text(md, report_markdown(report))
     files.write_text(csv, report.rows.to_csv(index=False))
     _write_png(png, figure6(report))
     written = [md, csv, png]
+    verdict = verdict_figure(report)
+    if verdict is not None:
+        _write_png(results.verdict_figure, verdict)
+        written.append(results.verdict_figure)
     dynamics = dynamics_figure(report)
     if dynamics is not None:
         _write_png(results.dynamics_figure, dynamics)

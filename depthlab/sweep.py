@@ -201,22 +201,24 @@ def classify_error(err: BaseException) -> Fault:
     return "cell"
 
 
-def storage_message(err: OSError, where: Path) -> str:
-    """One line: which path could not be written, why, and that running the command again continues."""
-    return (f"{err.filename or where}: cannot write the results: {err.strerror or err}; finished cells and the last "
-            "checkpoint of each other cell are kept: free space or make the folder writable (or use another --out), "
-            "then run the same command again")
+RESUME_ADVICE = ("finished cells and the last checkpoint of each other cell are kept: free space or make the folder writable "
+                 "(or use another --out), then run the same command again")
+
+
+def storage_message(err: OSError, where: Path, advice: str = RESUME_ADVICE) -> str:
+    """One line: which path could not be written, why, and what to do (for a sweep: that running it again continues)."""
+    return f"{err.filename or where}: cannot write the results: {err.strerror or err}; {advice}"
 
 
 @contextlib.contextmanager
-def storage_errors(where: Path) -> Iterator[None]:
+def storage_errors(where: Path, advice: str = RESUME_ADVICE) -> Iterator[None]:
     """A write that fails because of the disk or permissions becomes one StorageError line, not a traceback."""
     try:
         yield
     except OSError as err:
         if classify_error(err) != "storage":
             raise
-        raise StorageError(storage_message(err, where)) from None
+        raise StorageError(storage_message(err, where, advice)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,6 +409,8 @@ def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device:
 
     try:
         while ended < len(cells):
+            # asking a retired worker for its exit code waits for it once it has ended: no zombie until the sweep ends
+            retired = [process for process in retired if process.exitcode is None]
             for handle in workers.values():
                 if handle.cell is None and pending:
                     handle.cell = pending.popleft()

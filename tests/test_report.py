@@ -184,14 +184,14 @@ def test_flat_plain_nets_are_not_reproduced(tmp_path):
 
 def test_a_gap_within_seed_noise_is_undecided(tmp_path):
     noisy = tmp_path / "noisy"
-    finish_all(noisy, {**FIGURE6, ("plain", 20): [3.0, 5.0, 7.0], ("plain", 56): [4.0, 6.0, 8.0]})
+    finish_all(noisy, {**FIGURE6, ("plain", 20): [3.0, 5.0, 7.0], ("plain", 56): [5.0, 7.0, 9.0]})
     verdict = build_report(noisy).verdict
-    assert verdict["details"]["plain"]["gap"] == pytest.approx(1.0)
+    assert verdict["details"]["plain"]["gap"] == pytest.approx(2.0)
     assert verdict["plain_degrades"] is None and verdict["outcome"] == "undecided"
     assert "cannot separate" in verdict["reason"] and "plain-20→56" in verdict["reason"]
 
     tight = tmp_path / "tight"  # the same means with little spread between seeds
-    finish_all(tight, {**FIGURE6, ("plain", 20): [4.9, 5.0, 5.1], ("plain", 56): [5.9, 6.0, 6.1]})
+    finish_all(tight, {**FIGURE6, ("plain", 20): [4.9, 5.0, 5.1], ("plain", 56): [6.9, 7.0, 7.1]})
     assert build_report(tight).verdict["plain_degrades"] is True
 
 
@@ -332,7 +332,7 @@ def test_report_json_turns_nan_into_null(tmp_path):
 def test_write_report_writes_markdown_csv_and_a_png(full):
     report = build_report(full)
     paths = write_report(report, full)
-    assert [p.name for p in paths] == ["report.md", "report.csv", "figure6.png"]
+    assert [p.name for p in paths] == ["report.md", "report.csv", "figure6.png", "verdict.png"]
     png = (full / "figure6.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = (full / "report.md").read_text()
