@@ -23,14 +23,13 @@ sweep: install                 ## the main job: make sweep [CONFIG=configs/cifar
 quick: install                 ## the same comparison on a short schedule
 	$(BIN)/depthlab sweep configs/quick.yaml $(DATA_FLAG)
 
-cpu: install                   ## the comparison sized for a CPU (under 10 minutes on 2 cores with bf16)
+cpu: install                   ## the comparison sized for a CPU: 16 cells (README: how long it takes where)
 	$(BIN)/depthlab sweep configs/cpu.yaml $(DATA_FLAG)
 
-cpu-check: install             ## cpu.yaml's verdict again on seeds 3-5, and in fp32 (the bf16 fidelity check; ~25 min)
+cpu-check: install             ## cpu.yaml's verdict again on two seed sets drawn at random, and in fp32 (3x make cpu)
 	$(BIN)/depthlab sweep configs/cpu-other-seeds.yaml $(DATA_FLAG)
+	$(BIN)/depthlab sweep configs/cpu-other-seeds-b.yaml $(DATA_FLAG)
 	$(BIN)/depthlab sweep configs/cpu-fp32.yaml $(DATA_FLAG)
-	$(BIN)/depthlab report results/cpu-other-seeds
-	$(BIN)/depthlab report results/cpu-fp32
 
 ablation: install              ## which cause? shortcut scale, init, BatchNorm, block order (ABLATION=configs/ablation-cpu.yaml on a CPU)
 	$(BIN)/depthlab sweep $(or $(ABLATION),configs/ablation.yaml) $(DATA_FLAG)

@@ -227,6 +227,12 @@ def _minutes(projection: dict, key: str) -> str:
     return f"{projection[key] / 60:.1f} ± {projection[key + '_spread'] / 60:.1f} min"
 
 
+class FigureFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
 class Format(str, Enum):
     text = "text"
     json = "json"
@@ -247,6 +253,8 @@ def _latest_results(root: Path = Path("results")) -> Path:
 def report(
     results: Optional[Path] = typer.Argument(None, help=f"A sweep's results folder {default_text('the latest under results/')}."),
     fmt: Format = typer.Option(Format.text, "--format", help="text (tables and verdict), json, or markdown."),
+    figure_format: FigureFormat = typer.Option(FigureFormat.png, "--figure-format",
+                                               help="Also write each figure as svg or pdf (beside the PNGs report.md shows)."),
 ) -> None:
     """Training-error tables (plain vs residual per depth), the verdict, and a Figure-6-style plot."""
     from .report import build_report, print_report, report_json, report_markdown, write_report
@@ -255,7 +263,7 @@ def report(
         folder = results or _latest_results()
         rep = build_report(folder)
     try:
-        written = write_report(rep, folder)
+        written = write_report(rep, folder, figure_format.value)
     except OSError as err:  # a read-only or full results folder: the report itself still goes to stdout
         written = []
         errors.print(f"note: report files not written to {folder} ({err.strerror or err}); printing the report only",

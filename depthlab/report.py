@@ -37,7 +37,13 @@ from .verdict import base_cell_key, decide, mean_interval
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
 KEYS = ["arch", "depth", "variant"]
 ERRORS = ("train_err", "clean_train_err", "test_err", "val_err")
-CURVE_COLUMNS = KEYS + ["epoch", "iteration", "train_err", "test_err"]
+CURVE_MEASURES = KEYS + ["epoch", "iteration", "train_err", "test_err"]
+CURVE_COLUMNS = CURVE_MEASURES + ["train_err_min", "train_err_max", "test_err_min", "test_err_max", "n"]
+FIGURE_FORMATS = ("png", "svg", "pdf")
+# One colour per depth in every figure of every report (a depth's place in a list would change it from one sweep to
+# the next); depths not listed take a colour from their size.
+DEPTH_COLOURS = {8: "#1f77b4", 14: "#17becf", 20: "#2ca02c", 26: "#bcbd22", 32: "#ff7f0e", 44: "#d62728",
+                 56: "#9467bd", 110: "#8c564b", 1202: "#000000"}
 
 
 class ReportError(Exception):
@@ -176,13 +182,17 @@ def _aggregate(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def _curves(records: list[_CellRecord]) -> pd.DataFrame:
-    """Per (arch, depth, variant, epoch): the mean over finished seeds of iteration and errors."""
+    """Per (arch, depth, variant, epoch): the mean over finished seeds of iteration and errors, the seeds' lowest and
+    highest error (`*_min`, `*_max`: the band a figure draws) and how many seeds (`n`)."""
     frames = [rec.metrics.assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
               for rec in records if rec.state is CellState.FINISHED and rec.metrics is not None]
     if not frames:
         return pd.DataFrame(columns=CURVE_COLUMNS)
-    values = CURVE_COLUMNS[len(KEYS) + 1:]
-    return pd.concat(frames)[CURVE_COLUMNS].groupby(KEYS + ["epoch"])[values].mean().reset_index()
+    grouped = pd.concat(frames)[CURVE_MEASURES].groupby(KEYS + ["epoch"])
+    means = grouped[["iteration", "train_err", "test_err"]].mean()
+    spread = grouped[["train_err", "test_err"]].agg(["min", "max"])
+    spread.columns = [f"{measure}_{stat}" for measure, stat in spread.columns]
+    return means.join(spread).join(grouped.size().rename("n")).reset_index()
 
 
 RAN_KEYS = ("device_name", "device", "precision", "memory_format", "execution")
@@ -513,12 +523,22 @@ def report_markdown(report: Report) -> str:
     return "\n".join(text)
 
 
-def _y_top(curves: pd.DataFrame) -> float:
-    """The shared upper error limit: the paper's 20%, or higher so that every plotted point shows (100% at most)."""
-    values = curves[["train_err", "test_err"]].to_numpy(dtype=float).ravel()
+def depth_colour(depth: int) -> Any:
+    """The colour of a depth in every figure: fixed for the common depths, else from a colour map by log-depth."""
+    if depth in DEPTH_COLOURS:
+        return DEPTH_COLOURS[depth]
+    from matplotlib import colormaps
+    return colormaps["viridis"](min(1.0, math.log(depth / 8) / math.log(1202 / 8)))
+
+
+def _y_limits(values: np.ndarray) -> tuple[float, float]:
+    """Error limits fitted to the plotted values with a margin, kept inside 0–100 %."""
     values = values[np.isfinite(values)]
-    top = max(20.0, float(values.max())) if len(values) else 20.0
-    return min(100.0, 5 * math.ceil(top / 5))
+    if not len(values):
+        return 0.0, 100.0
+    low, high = float(values.min()), float(values.max())
+    pad = max(1.0, 0.06 * (high - low))
+    return max(0.0, math.floor(low - pad)), min(100.0, math.ceil(high + pad))
 
 
 def _x_unit(last_iteration: float) -> tuple[float, str]:
@@ -530,13 +550,16 @@ def _x_unit(last_iteration: float) -> tuple[float, str]:
 
 
 def figure6(report: Report) -> Figure:
-    """Figure-6-style panels: error vs iterations per depth, dashed = training (running), bold = test."""
+    """Figure-6-style panels: error vs iterations per depth — dashed = training (running), bold = test, each the mean
+    over seeds with the seeds' range as a band; one colour per depth in every figure."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     curves = report.curves[report.curves.variant == ""]
-    depths = sorted(curves.depth.unique())
-    colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
     unit, unit_label = _x_unit(float(curves.iteration.max()) if len(curves) else 0.0)
-    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    fig = Figure(figsize=(11, 5.2), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    handles: dict[str, Any] = {}
     for ax, arch in zip(axes, ARCHS):
         label = ARCH_LABELS[arch]
         ax.set_title("plain networks" if arch == "plain" else "residual networks (ResNet)")
@@ -547,17 +570,30 @@ def figure6(report: Report) -> Figure:
             ax.text(0.5, 0.5, f"no finished {label} cells", ha="center", va="center", transform=ax.transAxes, color="grey")
             continue
         for depth, run in sorted(data.groupby("depth"), reverse=True):
-            run = run.sort_values("epoch")
+            run, colour = run.sort_values("epoch"), depth_colour(int(depth))
             x = run.iteration / unit
-            ax.plot(x, run.train_err, "--", lw=0.9, color=colours[depth])
-            ax.plot(x, run.test_err, "-", lw=2.2, color=colours[depth], label=f"{label}-{depth}")
+            for measure, style, width in (("train_err", "--", 0.9), ("test_err", "-", 2.2)):
+                ax.plot(x, run[measure], style, lw=width, color=colour)
+                if f"{measure}_min" in run and (run[f"{measure}_max"] > run[f"{measure}_min"]).any():
+                    ax.fill_between(x, run[f"{measure}_min"], run[f"{measure}_max"], color=colour, alpha=0.12, lw=0)
+            seeds = int(run["n"].min()) if "n" in run else 0
+            handles.setdefault(f"{depth:>5}", Line2D([], [], color=colour, lw=2.2, label=f"{depth} layers" + (f" (n={seeds})" if seeds else "")))
         ax.set_xlim(left=0)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(depths), 5), fontsize=9,
-                  frameon=False)  # below the panel: it never covers a curve
     axes[0].set_ylabel("error (%)")
-    axes[0].set_ylim(0, _y_top(curves))
-    fig.suptitle(f"{report.name}: dashed = training error (running, augmented), bold = test error", fontsize=10)
+    plotted = [c for c in ("train_err", "test_err", "train_err_min", "train_err_max", "test_err_min", "test_err_max") if c in curves]
+    axes[0].set_ylim(*_y_limits(curves[plotted].to_numpy(dtype=float).ravel()))
+    styles = [Line2D([], [], color="grey", ls="--", lw=0.9, label="training error (running, augmented)"),
+              Line2D([], [], color="grey", ls="-", lw=2.2, label="test error"),
+              Patch(color="grey", alpha=0.25, label="band: lowest to highest seed")]
+    legend = [handles[k] for k in sorted(handles)] + styles
+    fig.legend(handles=legend, loc="outside lower center", ncol=min(len(legend), 4), fontsize=9, frameon=False)
+    fig.suptitle(_title(report, "error vs iterations, mean over seeds"), fontsize=10)
     return fig
+
+
+def _title(report: Report, what: str) -> str:
+    """A figure's title: the sweep, what the figure shows, and its data, budget, seeds and outcome when known."""
+    return f"{report.name}: {what}" + (f"\n{_verdict_title(report)}" if report.verdict.get("data") and report.verdict.get("seeds") else "")
 
 
 def _verdict_title(report: Report) -> str:
@@ -568,8 +604,8 @@ def _verdict_title(report: Report) -> str:
     budget = (f", {data['iterations']:,} iterations × {data['batch_size']}"
               if data.get("iterations") and data.get("batch_size") else "")
     outcome = verdict["outcome"].replace("_", " ") + (f" ({verdict['label']})" if verdict.get("label") else "")
-    return (f"{report.name}: {data.get('source') or 'images'}, {data['images']:,} training images{budget}, "
-            f"{seeds} seed{'s' if counts[-1] > 1 else ''} per net\nverdict: {outcome}")
+    return (f"{data.get('source') or 'images'}, {data['images']:,} training images{budget}, "
+            f"{seeds} seed{'s' if counts[-1] > 1 else ''} per net; verdict: {outcome}")
 
 
 def verdict_figure(report: Report) -> Optional[Figure]:
@@ -610,7 +646,7 @@ def verdict_figure(report: Report) -> Optional[Figure]:
     ax.set_ylabel("final clean training error (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    ax.set_title(_verdict_title(report), fontsize=9)
+    ax.set_title(_title(report, "final clean training error vs depth"), fontsize=9)
     return fig
 
 
@@ -628,7 +664,6 @@ def dynamics_figure(report: Report) -> Optional[Figure]:
     data = report.dynamics[report.dynamics.variant == ""]
     ratios = [c for c in data.columns if c.startswith("branch_ratio/")]
     depths = sorted(data.depth.unique())
-    colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
     fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True, sharey="row")
     for column, arch in enumerate(ARCHS):
@@ -637,48 +672,59 @@ def dynamics_figure(report: Report) -> Optional[Figure]:
         for depth, run in sorted(data[data.arch == arch].groupby("depth")):
             run = run.sort_values("epoch")
             label = f"{ARCH_LABELS[arch]}-{depth}"
-            top.plot(run.epoch, run["grad_norm/stage1"] / run["grad_norm/classifier"], color=colours[depth], label=label)
+            top.plot(run.epoch, run["grad_norm/stage1"] / run["grad_norm/classifier"], color=depth_colour(int(depth)), label=label)
             if ratios:
-                bottom.plot(run.epoch, run[ratios].mean(axis=1), color=colours[depth], label=label)
-        top.set_yscale("log")
+                bottom.plot(run.epoch, run[ratios].mean(axis=1), color=depth_colour(int(depth)), label=label)
         bottom.set_xlabel("epoch")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
         if bottom.get_legend_handles_labels()[0]:  # a column without curves (one architecture ran) has nothing to list
             bottom.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(depths), 5), fontsize=9, frameon=False)
+    _gradient_scale(axes[0][0], data["grad_norm/stage1"] / data["grad_norm/classifier"])
     axes[0][0].set_ylabel("‖∂L/∂W‖ stage 1 / classifier")
     axes[1][0].set_ylabel("branch RMS(F(x)) / RMS(x), mean over stages")
-    fig.suptitle(f"{report.name}: gradients and blocks during training (one fixed batch per epoch, mean over seeds)", fontsize=10)
+    fig.suptitle(_title(report, "gradients and blocks during training (one fixed batch per epoch, mean over seeds)"), fontsize=10)
     return fig
 
 
-def _write_png(path: Path, fig: Figure) -> None:
+def _gradient_scale(ax: Any, ratios: pd.Series) -> None:
+    """A linear axis when the ratios span less than 10× (a log axis there shows two labelled ticks), else a log axis
+    with a labelled tick at every 1-2-5 step."""
+    values = ratios[np.isfinite(ratios) & (ratios > 0)]
+    if len(values) and values.max() / values.min() >= 10:
+        from matplotlib.ticker import LogLocator
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+
+
+def _write_figure(path: Path, fig: Figure) -> None:
+    """One figure in the format its file name says (png at 150 dpi; svg and pdf are vector), written atomically."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
+    fig.savefig(buffer, format=path.suffix.lstrip("."), dpi=150)
     files.write_bytes(path, buffer.getvalue())
 
 
-def write_report(report: Report, results_dir: Path) -> list[Path]:
+def write_report(report: Report, results_dir: Path, figure_format: str = "png") -> list[Path]:
     """Write report.md, report.csv, figure6.png, verdict.png (when a cell finished), dynamics.png (when cells recorded
-    it), ablation.png (when there are variants), cells.csv and curves.csv into `results_dir`; return their paths."""
+    it), ablation.png (when there are variants), cells.csv and curves.csv into `results_dir`; return their paths.
+
+    With `figure_format` svg or pdf each figure is also written in that format beside its PNG (report.md shows
+    the PNGs)."""
+    if figure_format not in FIGURE_FORMATS:
+        raise ValueError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}; got {figure_format!r}")
     results = ResultsFolder(Path(results_dir))
-    md, csv, png = results.report_md, results.report_csv, results.figure
-    files.write_text(md, report_markdown(report))
-    files.write_text(csv, report.rows.to_csv(index=False))
-    _write_png(png, figure6(report))
-    written = [md, csv, png]
-    verdict = verdict_figure(report)
-    if verdict is not None:
-        _write_png(results.verdict_figure, verdict)
-        written.append(results.verdict_figure)
-    dynamics = dynamics_figure(report)
-    if dynamics is not None:
-        _write_png(results.dynamics_figure, dynamics)
-        written.append(results.dynamics_figure)
-    ablations = ablation_figure(report.ablations)
-    if ablations is not None:
-        _write_png(Path(results_dir) / ABLATION_FIGURE, ablations)
-        written.append(Path(results_dir) / ABLATION_FIGURE)
+    files.write_text(results.report_md, report_markdown(report))
+    files.write_text(results.report_csv, report.rows.to_csv(index=False))
+    written = [results.report_md, results.report_csv]
+    figures = [(results.figure, figure6(report)), (results.verdict_figure, verdict_figure(report)),
+               (results.dynamics_figure, dynamics_figure(report)),
+               (Path(results_dir) / ABLATION_FIGURE, ablation_figure(report.ablations))]
+    for path, fig in figures:
+        if fig is None:
+            continue
+        for target in dict.fromkeys([path, path.with_suffix(f".{figure_format}")]):
+            _write_figure(target, fig)
+            written.append(target)
     written += write_tables(results.path)  # cells.csv and curves.csv: the data behind the report, to load
     return written
 

@@ -24,7 +24,7 @@ from depthlab.cli import app
 from depthlab.config import parse_config
 from depthlab.data import synthetic_images
 from depthlab.display import LogDisplay, RichDisplay
-from depthlab.report import Report, build_report, figure6
+from depthlab.report import Report, build_report, depth_colour, figure6
 from depthlab.sweep import PipeEvents, Repair
 from depthlab.train import train_cell
 
@@ -254,9 +254,44 @@ def test_every_curve_point_is_inside_the_y_range_up_to_100() -> None:
 def test_the_legend_covers_no_curve() -> None:
     fig = figure6(curves_report(100))
     fig.draw_without_rendering()
+    [legend] = fig.legends
     for ax in fig.axes:
-        legend, plot_area = ax.get_legend().get_window_extent(), ax.get_window_extent()
-        assert not legend.overlaps(plot_area), "the legend lies over the plotting area"
+        assert not legend.get_window_extent().overlaps(ax.get_window_extent()), "the legend lies over a plotting area"
+
+
+def test_one_legend_explains_the_line_styles_and_names_each_depth_with_its_seeds() -> None:
+    report = curves_report(100)
+    report.curves["n"] = 3
+    [legend] = figure6(report).legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert {"8 layers (n=3)", "14 layers (n=3)", "20 layers (n=3)"} <= set(labels)
+    assert any("training error" in l for l in labels) and any("test error" in l for l in labels) and any("seed" in l for l in labels)
+
+
+def test_a_depth_has_the_same_colour_whatever_else_the_sweep_trained() -> None:
+    def colours(depths: set[int]) -> dict[int, str]:
+        report = curves_report(100)
+        report.curves = report.curves[report.curves.depth.isin(depths)]
+        [legend] = figure6(report).legends
+        return {int(t.get_text().split()[0]): h.get_color() for t, h in zip(legend.get_texts(), legend.legend_handles)
+                if t.get_text().endswith("layers")}
+    assert colours({8, 14, 20})[20] == colours({20})[20] == depth_colour(20)
+    assert len({depth_colour(d) for d in (8, 14, 20, 32, 44, 56, 110)}) == 7
+
+
+def test_the_y_axis_fits_the_data_rather_than_starting_at_zero() -> None:
+    report = curves_report(100, first_err=80.0)  # errors between 38 and 72
+    bottom, top = figure6(report).axes[0].get_ylim()
+    values = report.curves[["train_err", "test_err"]].to_numpy()
+    assert 20 < bottom <= values.min() and values.max() <= top < 90
+
+
+def test_the_seeds_spread_is_drawn_as_a_band() -> None:
+    report = curves_report(100)
+    report.curves = report.curves.assign(train_err_min=report.curves.train_err - 1, train_err_max=report.curves.train_err + 1,
+                                         test_err_min=report.curves.test_err - 2, test_err_max=report.curves.test_err + 2, n=3)
+    bands = [c for ax in figure6(report).axes for c in ax.collections]
+    assert len(bands) == 2 * 2 * 3  # per panel, depth and measure
 
 
 # ----------------------------------------------------------------------------- a report that cannot be written

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 from depthlab.config import parse_config
@@ -13,7 +14,7 @@ from depthlab.data import synthetic_images
 from depthlab.models import build_net
 from depthlab.options import NetSpec
 from depthlab.probe import training_dynamics
-from depthlab.report import build_report, report_markdown, write_report
+from depthlab.report import Report, build_report, dynamics_figure, report_markdown, write_report
 from depthlab.sweep import run_sweep
 from depthlab.train import train_cell
 
@@ -79,3 +80,13 @@ def test_cells_without_dynamics_still_report(tmp_path: Path) -> None:
     report = build_report(tmp_path / "out")
     assert report.dynamics.empty
     assert all(p.name != "dynamics.png" for p in write_report(report, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("spread, scale", [(1.5, "linear"), (1e3, "log")])
+def test_the_gradient_panel_is_linear_over_a_narrow_range_and_log_over_a_wide_one(spread: float, scale: str) -> None:
+    """A log axis over 0.45–1.7 showed two labelled ticks: narrow ranges read better on a linear axis."""
+    rows = [{"arch": arch, "depth": depth, "variant": "", "epoch": epoch, "grad_norm/classifier": 1.0,
+             "grad_norm/stage1": 0.5 * spread ** ((epoch - 1) / 3), "branch_ratio/stage1": 0.8}
+            for arch in ("plain", "residual") for depth in (8, 20) for epoch in (1, 2, 3, 4)]
+    report = Report(name="d", rows=pd.DataFrame(), verdict={}, missing=[], curves=pd.DataFrame(), dynamics=pd.DataFrame(rows))
+    assert dynamics_figure(report).axes[0].get_yscale() == scale

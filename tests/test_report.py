@@ -340,6 +340,18 @@ def test_write_report_writes_markdown_csv_and_a_png(full):
     assert pd.read_csv(full / "report.csv").shape[0] == len(report.rows)
 
 
+@pytest.mark.parametrize("fmt, magic", [("svg", b"<?xml"), ("pdf", b"%PDF")])
+def test_figures_are_also_written_in_the_format_asked_for(full, fmt, magic):
+    names = [p.name for p in write_report(build_report(full), full, figure_format=fmt)]
+    assert {"figure6.png", f"figure6.{fmt}", "verdict.png", f"verdict.{fmt}"} <= set(names)
+    assert (full / f"figure6.{fmt}").read_bytes().startswith(magic)
+
+
+def test_an_unknown_figure_format_is_refused(full):
+    with pytest.raises(ValueError, match="png, svg, pdf"):
+        write_report(build_report(full), full, figure_format="gif")
+
+
 def test_a_complete_sweep_reads_reproduced_with_its_numbers_and_budget(complete):
     write_report(build_report(complete), complete)
     md = (complete / "report.md").read_text()
