@@ -524,6 +524,11 @@ def _direction(values: Mapping[tuple[str, int], Sequence[float]]) -> str:
     return ", ".join(parts)
 
 
+def _percent(share: float) -> str:
+    """A share as a percentage with two significant digits, so that a smoke run's budget is not "0.0%"."""
+    return f"{share:.1%}" if share >= 0.01 else f"{share * 100:.2g}%"
+
+
 def _budget_note(cells: pd.DataFrame) -> Optional[str]:
     """A note when the smallest training budget is far from the paper's 64,000 iterations × 128 on 50,000 images."""
     if not {"iterations", "batch_size"} <= set(cells.columns) or cells[["iterations", "batch_size"]].isna().all().any():
@@ -533,7 +538,7 @@ def _budget_note(cells: pd.DataFrame) -> Optional[str]:
     images = _images(cells)
     if share >= FAR_FROM_PAPER and images >= FAR_FROM_PAPER * PAPER_TRAIN_SIZE:
         return None
-    return (f"budget: {int(smallest.iterations):,} iterations × {int(smallest.batch_size)} = {share:.1%} of the paper's "
+    return (f"budget: {int(smallest.iterations):,} iterations × {int(smallest.batch_size)} = {_percent(share)} of the paper's "
             f"{PAPER_ITERATIONS:,} × {PAPER_BATCH}, on {images:,} of {PAPER_TRAIN_SIZE:,} images; "
             f"the verdict holds for this budget, not for the paper's")
 

@@ -155,6 +155,12 @@ def test_synthetic_images_are_never_reproduced():
     assert verdict["reason"].startswith("synthetic images check the pipeline, not the science (the numbers: reproduced")
 
 
+@pytest.mark.parametrize("share, shown", [(0.02, "2.0%"), (0.006, "0.6%"), (0.00003, "0.003%")])
+def test_a_tiny_budget_is_never_shown_as_zero_percent(share: float, shown: str):
+    from depthlab.verdict import _percent
+    assert _percent(share) == shown
+
+
 def test_a_budget_far_from_the_papers_is_noted_but_does_not_change_the_outcome():
     verdict = decide(frame(figure6(), iterations=1280, train_size=10_000))
     assert verdict["outcome"] == "reproduced"
