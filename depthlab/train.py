@@ -206,8 +206,10 @@ class CompileRecord:
     recompile_reasons: list[str] = field(default_factory=list)
     cudagraph_skip_reasons: list[str] = field(default_factory=list)
 
+    COUNTS = ("steps", "eager_steps", "dynamo_graphs", "dynamo_recompiles", "graph_breaks", "cudagraph_skips")
+
     def add(self, other: "CompileRecord") -> None:
-        for name in ("steps", "eager_steps", "dynamo_graphs", "dynamo_recompiles", "graph_breaks", "cudagraph_skips"):
+        for name in self.COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("recompile_reasons", "cudagraph_skip_reasons"):
             mine = getattr(self, name)
@@ -738,8 +740,7 @@ def _book_training_time(state: TrainState, step: TrainStep, elapsed: float, comp
 
 def _epoch_record(before: CompileRecord, after: CompileRecord) -> CompileRecord:
     """What one epoch added to a process's counts (reasons: those first seen in it)."""
-    counts = {name: getattr(after, name) - getattr(before, name)
-              for name in ("steps", "eager_steps", "dynamo_graphs", "dynamo_recompiles", "graph_breaks", "cudagraph_skips")}
+    counts = {name: getattr(after, name) - getattr(before, name) for name in CompileRecord.COUNTS}
     return CompileRecord(**counts, recompile_reasons=[r for r in after.recompile_reasons if r not in before.recompile_reasons],
                          cudagraph_skip_reasons=[r for r in after.cudagraph_skip_reasons if r not in before.cudagraph_skip_reasons])
 

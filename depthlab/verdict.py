@@ -526,7 +526,7 @@ def _direction(values: Mapping[tuple[str, int], Sequence[float]]) -> str:
 
 def _percent(share: float) -> str:
     """A share as a percentage with two significant digits, so that a smoke run's budget is not "0.0%"."""
-    return f"{share:.1%}" if share >= 0.01 else f"{share * 100:.2g}%"
+    return f"{share:.1%}" if share >= 0.001 else f"{share * 100:.2g}%"
 
 
 def _budget_note(cells: pd.DataFrame) -> Optional[str]:
