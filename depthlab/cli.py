@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, install_command
-from .config import ConfigError, load_config, with_overrides
-from .data import DataError
+from .config import load_config, with_overrides
+from .errors import USER_ERRORS, ConfigError, DataError, StorageError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train plain and residual CIFAR-10 nets of growing depth and see why residual networks exist.")
@@ -52,13 +52,9 @@ def main_options(
 def user_errors() -> Iterator[None]:
     """Mistakes in what the user gave us end with a one-line message and exit code 2, not a traceback;
     a results folder that cannot be written (full disk, read-only) with one line and exit code 1."""
-    from .report import ReportError
-    from .sweep import StorageError, SweepConflict
-    from .train import DeviceError
-
     try:
         yield
-    except (ConfigError, DataError, DeviceError, SweepConflict, ReportError) as err:
+    except USER_ERRORS as err:
         errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR)
     except StorageError as err:
@@ -240,8 +236,8 @@ class Format(str, Enum):
 
 
 def _latest_results(root: Path = Path("results")) -> Path:
+    from .errors import ReportError
     from .layout import latest_results
-    from .report import ReportError
 
     latest = latest_results(root)
     if latest is None:
@@ -397,7 +393,6 @@ def probe(
 ) -> None:
     """Why plain nets degrade: gradients, logit scale, residual-branch size and shattered gradients, per depth."""
     from .config import DataSpec
-    from .data import DataError
     from .options import ARCHS, depth_error
     from .probe import ProbeSource, decay_table, probe_batch, probe_depths, probe_figure, probe_trained
     from .sweep import storage_errors

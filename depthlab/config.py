@@ -29,26 +29,13 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import ConfigError, one_line
 from .options import ARCHS, BLOCK_ORDERS, FAMILIES, INITS, NORMS, SHORTCUTS, NetSpec, depth_error, net_spec_error
 
 
 CIFAR10_TRAIN_IMAGES = 50_000
 SYNTHETIC_TRAIN_IMAGES = 1_000  # the synthetic set's size when data.train_size is not given
 SYNTHETIC_TEST_IMAGES = 500
-
-
-def _one_line(text: str) -> str:
-    """Control characters escaped, so a message is one line on a terminal however odd the input."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-class ConfigError(Exception):
-    """A mistake in a sweep file: where it is and what is allowed instead. Always one line."""
-
-    def __init__(self, source: str, key: str, message: str):
-        source, key, message = _one_line(str(source)), _one_line(str(key)), _one_line(message)
-        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
-        self.source, self.key, self.message = source, key, message
 
 
 _SHOW = reprlib.Repr()
@@ -218,7 +205,7 @@ class SweepConfig:
 
     def to_yaml(self) -> str:
         """The resolved sweep as YAML (what sweep.yaml holds), headed by the --set overrides that made it, if any."""
-        header = "".join(f"# --set {_one_line(item)}\n" for item in self.overrides)
+        header = "".join(f"# --set {one_line(item)}\n" for item in self.overrides)
         return header + yaml.safe_dump(self.to_document(), sort_keys=False)
 
 

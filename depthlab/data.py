@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataSpec
+from .errors import DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
@@ -46,10 +47,6 @@ ARCHIVE_DAMAGE = (tarfile.TarError, zlib.error, EOFError, OSError)
 # What np.load raises for a cut-off or overwritten .npz (measured with numpy 2.4: BadZipFile for bad CRCs and headers,
 # EOFError for an empty file, ValueError for bytes that are not an array); KeyError for a file without our arrays.
 CACHE_DAMAGE = (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError)
-
-
-class DataError(Exception):
-    """A dataset that is missing or not in a layout depthlab reads."""
 
 
 @dataclass

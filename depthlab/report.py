@@ -27,7 +27,8 @@ from rich.table import Table
 
 from . import files
 from .ablation import ABLATION_FIGURE, ablation_figure, ablation_markdown, judge_ablations
-from .config import Cell, ConfigError, parse_config
+from .config import Cell, parse_config
+from .errors import ConfigError, ReportError
 from .layout import CellFolder, CellState, ResultsFolder
 from .options import ARCHS
 from .paper import CITATION, paper_test_error
@@ -44,10 +45,6 @@ FIGURE_FORMATS = ("png", "svg", "pdf")
 # the next); depths not listed take a colour from their size.
 DEPTH_COLOURS = {8: "#1f77b4", 14: "#17becf", 20: "#2ca02c", 26: "#bcbd22", 32: "#ff7f0e", 44: "#d62728",
                  56: "#9467bd", 110: "#8c564b", 1202: "#000000"}
-
-
-class ReportError(Exception):
-    """The results folder holds nothing to report on."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from . import __version__, files
 from .config import (CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, ConfigError, DataSpec, RuntimeSpec,
                      SweepConfig, check_fits_data, parse_config)
 from .data import Images, load_images
+from .errors import StorageError, SweepConflict
 from .fastpath import prepare_layouts
 from .layout import CellFolder, CellState, Damage, ResultsFolder
 from .options import NetSpec
@@ -48,10 +49,6 @@ PARAMETER_COPIES = 4  # weights, gradients, momentum, and one spare for autocast
 MAX_JOBS_PER_GPU = 6  # a guess, never measured: small nets stop gaining from more processes somewhere around here
 CIFAR10_TEST_IMAGES = 10_000
 IMAGE_BYTES = 3 * 32 * 32 + 8  # uint8 pixels and an int64 label
-
-
-class SweepConflict(Exception):
-    """Finished results exist for cells whose configuration has changed, or another sweep holds the folder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,10 +184,6 @@ WORKER_FAULT_RETRIES = 2  # a guess: a cell that kills two fresh workers more is
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 WORKER_EXIT_SECONDS = 30.0  # a guess: how long a worker that got its stop signal may take to finish exiting
 WORKER_POLL_SECONDS = 5.0  # a choice: how often the sweep looks whether a silent worker is still alive
-
-
-class StorageError(Exception):
-    """The results folder cannot be written (disk full, read-only, no permission): every cell would fail the same way."""
 
 
 def classify_error(err: BaseException) -> Fault:

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import files
 from .config import Cell, RunLength, RuntimeSpec, TrainSpec
+from .errors import DeviceError
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
 from .fastpath import resolve_channels_last, resolve_precision
 from .layout import METRIC_COLUMNS, CellFolder, Summary
@@ -57,10 +58,6 @@ class CellEvents(Protocol):
     def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None: ...
     def epoch_done(self, cell_id: str, row: dict) -> None: ...
     def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None: ...
-
-
-class DeviceError(Exception):
-    """A device was asked for that this machine does not have."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -305,6 +307,21 @@ def complete(full) -> Path:
     c = cell("residual", 56, 2)
     finish(full, c, full_error(c))
     return full
+
+
+REPORT_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # what an environment without torch sees: every import of torch fails
+from depthlab.cli import app
+app(["report", sys.argv[1], "--format", "json"])
+"""
+
+
+def test_the_report_command_runs_with_torch_unimportable(complete):
+    done = subprocess.run([sys.executable, "-c", REPORT_WITHOUT_TORCH, str(complete)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["verdict"]["outcome"] == "reproduced"
 
 
 def test_report_json_is_json_with_the_documented_keys(full):
