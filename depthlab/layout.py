@@ -18,8 +18,8 @@
         superseded/<id>-<time>/   cells moved aside by `sweep --force`
         damaged/<id>-<time>/      files that did not read back whole, moved aside by `sweep` before it trains the cell again
 
-sweep, train, plan and report all go through this module; none of them spells a file name.
-It needs neither torch nor pandas.
+sweep, train, plan and report all go through this module; none of them spells a file name, and all of them
+read a cell folder with `read_cell`. It needs neither torch nor pandas.
 """
 
 from __future__ import annotations
@@ -29,13 +29,21 @@ import io
 import itertools
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Optional, TypedDict
 
 from . import files
+
+# the file names, each spelled once
+CELLS_DIR, SUPERSEDED_DIR, DAMAGED_DIR, TENSORBOARD_DIR = "cells", "superseded", "damaged", "tensorboard"
+SWEEP_FILE, ENVIRONMENT, LOCK = "sweep.yaml", "environment.json", ".lock"
+REPORT_MD, REPORT_CSV, CELLS_TABLE, CURVES_TABLE = "report.md", "report.csv", "cells.csv", "curves.csv"
+FIGURE, DYNAMICS_FIGURE, VERDICT_FIGURE, VERDICT_LOOKS = "figure6.png", "dynamics.png", "verdict.png", "verdict_looks.jsonl"
+CONFIG, METRICS, DYNAMICS, CHECKPOINT = "config.json", "metrics.csv", "dynamics.csv", "checkpoint.pt"
+ERROR_LOG, SUMMARY, WEIGHTS, DONE = "error.txt", "summary.json", "model.pt", "DONE"
 
 METRIC_COLUMNS = ("epoch", "iteration", "lr", "train_loss", "train_err", "test_loss", "test_err", "val_loss", "val_err", "seconds")
 PLOTTED_COLUMNS = ("epoch", "iteration", "train_err", "test_err")  # what the report reads from every metrics.csv
@@ -51,12 +59,24 @@ class CellState(str, Enum):
     FINISHED = "finished"
     DIVERGED = "diverged"  # finished early with a non-finite loss: a result, recorded as such
     STALE = "stale"  # results (or a checkpoint) under another configuration: the sweep refuses or supersedes
-    DAMAGED = "damaged"  # a file does not read back whole (CellFolder.damage): the sweep moves it aside and trains again
+    DAMAGED = "damaged"  # a file does not read back whole (CellRecord.damage): the sweep moves it aside and trains again
 
     @property
     def ended(self) -> bool:
         """Finished or diverged: the sweep will not train it again."""
         return self in (CellState.FINISHED, CellState.DIVERGED)
+
+    @property
+    def report_status(self) -> str:
+        """The report's older word for it (`missing[].status`): 'not started' and 'running' for pending and partial."""
+        return {CellState.PENDING: "not started", CellState.PARTIAL: "running"}.get(self, self.value)
+
+    @property
+    def plan_status(self) -> str:
+        """plan's older word for it (its `status` column): finished (ended), partial (or failed), stale, damaged or pending."""
+        if self.ended:
+            return "finished"
+        return {CellState.FAILED: "partial", CellState.PARTIAL: "partial"}.get(self, self.value)
 
 
 class FinalErrors(TypedDict, total=False):
@@ -133,7 +153,7 @@ class Damage:
 
 
 class _Unreadable(Exception):
-    """Raised inside CellFolder.damage by the first file that fails its check."""
+    """Raised inside read_cell by the first file that fails its check."""
 
     def __init__(self, file: Path, reason: str):
         super().__init__(reason)
@@ -151,8 +171,18 @@ def _json_object(path: Path) -> dict[str, Any]:
     return value
 
 
-def _metric_epochs(path: Path) -> int:
-    """The number of epochs in a metrics.csv whose header and rows are whole, numbered 1, 2, …"""
+def _number(text: str) -> Any:
+    """A metrics.csv value as pandas.read_csv would read it: an int, a float (NaN when empty), or the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return float("nan") if text == "" else text
+
+
+def _metric_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.csv whose header and rows are whole, numbered 1, 2, …"""
     try:
         text = path.read_text()
         header, *rows = list(csv.reader(io.StringIO(text))) or [[]]
@@ -167,7 +197,7 @@ def _metric_epochs(path: Path) -> int:
     epoch = header.index("epoch")
     if [row[epoch] for row in rows] != [str(e) for e in range(1, len(rows) + 1)]:
         raise _Unreadable(path, f"{path.name} does not number its epochs 1, 2, …")
-    return len(rows)
+    return [{key: _number(value) for key, value in zip(header, row)} for row in rows]
 
 
 @dataclass(frozen=True)
@@ -182,38 +212,35 @@ class CellFolder:
 
     @property
     def done(self) -> Path:
-        return self.path / "DONE"
+        return self.path / DONE
 
     @property
     def summary(self) -> Path:
-        return self.path / "summary.json"
+        return self.path / SUMMARY
 
     @property
     def metrics(self) -> Path:
-        return self.path / "metrics.csv"
+        return self.path / METRICS
 
     @property
     def checkpoint(self) -> Path:
-        return self.path / "checkpoint.pt"
+        return self.path / CHECKPOINT
 
     @property
     def dynamics(self) -> Path:
-        return self.path / "dynamics.csv"
+        return self.path / DYNAMICS
 
     @property
     def config(self) -> Path:
-        return self.path / "config.json"
+        return self.path / CONFIG
 
     @property
     def weights(self) -> Path:
-        return self.path / "model.pt"
+        return self.path / WEIGHTS
 
     @property
     def error_log(self) -> Path:
-        return self.path / "error.txt"
-
-    def read_summary(self) -> Summary:
-        return files.read_json(self.summary)
+        return self.path / ERROR_LOG
 
     def read_config(self) -> dict[str, Any]:
         return files.read_json(self.config) if self.config.is_file() else {}
@@ -225,58 +252,67 @@ class CellFolder:
     def done_fingerprint(self) -> Optional[str]:
         return self.done.read_text().strip() if self.done.is_file() else None
 
-    def damage(self) -> Optional[Damage]:
-        """The first file that does not read back whole, or None.
 
-        An ended cell needs a fingerprint in DONE, a summary with SUMMARY_KEYS and a metrics.csv with
-        exactly the summary's epochs (else its curve and its table row would disagree). Without torch
-        a checkpoint is only checked for being empty; the sweep loads it to be sure.
-        """
-        try:
-            if self.config.is_file():
-                _json_object(self.config)
-            epochs = _metric_epochs(self.metrics) if self.metrics.is_file() else None
-            if self.checkpoint.is_file() and self.checkpoint.stat().st_size == 0:
-                raise _Unreadable(self.checkpoint, f"{self.checkpoint.name} is empty")
-            if self.done.is_file():
-                self._check_ended(epochs)
-        except _Unreadable as err:
-            return err.damage
-        return None
+@dataclass(frozen=True)
+class CellRecord:
+    """What one cell folder says, read once: its state, and the files behind it that read back whole."""
 
-    def _check_ended(self, metric_epochs: Optional[int]) -> None:
-        """An ended cell's DONE, summary and metrics agree (metric_epochs: None when metrics.csv is missing)."""
-        if not self.done_fingerprint():
-            raise _Unreadable(self.done, f"{self.done.name} is empty")
-        if not self.summary.is_file():
-            raise _Unreadable(self.summary, f"{self.summary.name} is missing")
-        summary = _json_object(self.summary)
-        lacking = [key for key in SUMMARY_KEYS if key not in summary]
-        if lacking or not isinstance(summary["final"], dict) or not isinstance(summary["epochs"], int):
-            raise _Unreadable(self.summary, f"{self.summary.name} lacks {', '.join(lacking) or 'a valid final or epochs'}")
-        if metric_epochs is None:
-            raise _Unreadable(self.metrics, f"{self.metrics.name} is missing")
-        if metric_epochs != summary["epochs"]:
-            raise _Unreadable(self.metrics, f"{self.metrics.name} has {metric_epochs} of the {summary['epochs']} epochs "
-                                            f"that {self.summary.name} reports")
+    id: str
+    state: CellState
+    summary: Optional[Summary] = None  # an ended cell's summary.json
+    config: dict[str, Any] = field(default_factory=dict)  # config.json ({} before training starts)
+    metrics: Optional[list[dict[str, Any]]] = None  # metrics.csv's rows, one per epoch; None when there is none
+    damage: Optional[Damage] = None  # why a DAMAGED cell's files cannot be trusted
 
-    def state(self, fingerprint: Optional[str] = None) -> CellState:
-        """This cell's state; with `fingerprint`, results made under any other configuration are STALE."""
-        if self.damage() is not None:
-            return CellState.DAMAGED
-        done = self.done_fingerprint()
-        if done is not None:
-            if fingerprint is not None and done != fingerprint:
-                return CellState.STALE
-            status = self.read_summary().get("status") if self.summary.is_file() else None
-            return CellState.DIVERGED if status == CellState.DIVERGED.value else CellState.FINISHED
-        if self.checkpoint.is_file() and fingerprint is not None and self.read_config().get("fingerprint") != fingerprint:
+
+def read_cell(folder: CellFolder, fingerprint: Optional[str] = None) -> CellRecord:
+    """The one reader of a cell folder; with `fingerprint`, results made under any other configuration are STALE.
+
+    A file that does not read back whole makes the cell DAMAGED: an ended cell needs a fingerprint in DONE, a summary
+    with SUMMARY_KEYS and a metrics.csv with exactly the summary's epochs (else its curve and its table row would
+    disagree). Without torch a checkpoint is only checked for being empty; the sweep loads it to be sure.
+    """
+    try:
+        config = _json_object(folder.config) if folder.config.is_file() else {}
+        metrics = _metric_rows(folder.metrics) if folder.metrics.is_file() else None
+        if folder.checkpoint.is_file() and folder.checkpoint.stat().st_size == 0:
+            raise _Unreadable(folder.checkpoint, f"{CHECKPOINT} is empty")
+        summary = _ended_summary(folder, metrics) if folder.done.is_file() else None
+    except _Unreadable as err:
+        return CellRecord(folder.id, CellState.DAMAGED, damage=err.damage)
+    return CellRecord(folder.id, _state(folder, fingerprint, config, summary), summary, config, metrics)
+
+
+def _ended_summary(folder: CellFolder, metrics: Optional[list[dict[str, Any]]]) -> Summary:
+    """An ended cell's summary, once its DONE, summary and metrics agree."""
+    if not folder.done_fingerprint():
+        raise _Unreadable(folder.done, f"{DONE} is empty")
+    if not folder.summary.is_file():
+        raise _Unreadable(folder.summary, f"{SUMMARY} is missing")
+    summary = _json_object(folder.summary)
+    lacking = [key for key in SUMMARY_KEYS if key not in summary]
+    if lacking or not isinstance(summary["final"], dict) or not isinstance(summary["epochs"], int):
+        raise _Unreadable(folder.summary, f"{SUMMARY} lacks {', '.join(lacking) or 'a valid final or epochs'}")
+    if metrics is None:
+        raise _Unreadable(folder.metrics, f"{METRICS} is missing")
+    if len(metrics) != summary["epochs"]:
+        raise _Unreadable(folder.metrics, f"{METRICS} has {len(metrics)} of the {summary['epochs']} epochs that {SUMMARY} reports")
+    return Summary(**summary)
+
+
+def _state(folder: CellFolder, fingerprint: Optional[str], config: dict[str, Any], summary: Optional[Summary]) -> CellState:
+    """The state of a cell whose files read back whole."""
+    if summary is not None:
+        if fingerprint is not None and folder.done_fingerprint() != fingerprint:
             return CellState.STALE
-        if self.error_log.is_file() and (not self.metrics.is_file() or self.error_log.stat().st_mtime >= self.metrics.stat().st_mtime):
-            return CellState.FAILED
-        if self.config.is_file() or self.metrics.is_file() or self.checkpoint.is_file():
-            return CellState.PARTIAL  # config.json is written when training starts
-        return CellState.PENDING
+        return CellState.DIVERGED if summary.get("status") == CellState.DIVERGED.value else CellState.FINISHED
+    if folder.checkpoint.is_file() and fingerprint is not None and config.get("fingerprint") != fingerprint:
+        return CellState.STALE
+    if folder.error_log.is_file() and (not folder.metrics.is_file() or folder.error_log.stat().st_mtime >= folder.metrics.stat().st_mtime):
+        return CellState.FAILED
+    if folder.config.is_file() or folder.metrics.is_file() or folder.checkpoint.is_file():
+        return CellState.PARTIAL  # config.json is written when training starts
+    return CellState.PENDING
 
 
 @dataclass(frozen=True)
@@ -287,67 +323,67 @@ class ResultsFolder:
 
     @property
     def cells_dir(self) -> Path:
-        return self.path / "cells"
+        return self.path / CELLS_DIR
 
     @property
     def superseded_dir(self) -> Path:
-        return self.path / "superseded"
+        return self.path / SUPERSEDED_DIR
 
     @property
     def damaged_dir(self) -> Path:
-        return self.path / "damaged"
+        return self.path / DAMAGED_DIR
 
     @property
     def sweep_file(self) -> Path:
-        return self.path / "sweep.yaml"
+        return self.path / SWEEP_FILE
 
     @property
     def environment(self) -> Path:
-        return self.path / "environment.json"
+        return self.path / ENVIRONMENT
 
     @property
     def lock(self) -> Path:
-        return self.path / ".lock"
+        return self.path / LOCK
 
     @property
     def report_md(self) -> Path:
-        return self.path / "report.md"
+        return self.path / REPORT_MD
 
     @property
     def report_csv(self) -> Path:
-        return self.path / "report.csv"
+        return self.path / REPORT_CSV
 
     @property
     def figure(self) -> Path:
-        return self.path / "figure6.png"
+        return self.path / FIGURE
 
     @property
     def dynamics_figure(self) -> Path:
-        return self.path / "dynamics.png"
+        return self.path / DYNAMICS_FIGURE
 
     @property
     def verdict_figure(self) -> Path:
-        return self.path / "verdict.png"
+        return self.path / VERDICT_FIGURE
 
     @property
     def verdict_looks(self) -> Path:
         """One JSON line per seed set the verdict judged here: a later superset of one is a later look."""
-        return self.path / "verdict_looks.jsonl"
+        return self.path / VERDICT_LOOKS
 
     @property
     def cells_table(self) -> Path:
         """One row per cell (results.load_results)."""
-        return self.path / "cells.csv"
+        return self.path / CELLS_TABLE
 
     @property
     def curves_table(self) -> Path:
         """One row per epoch of every cell (results.load_results)."""
-        return self.path / "curves.csv"
+        return self.path / CURVES_TABLE
 
     @property
     def tensorboard_dir(self) -> Path:
         """One TensorBoard run per cell, in <cell id>/ (runtime.tensorboard)."""
-        return self.path / "tensorboard"
+        return self.path / TENSORBOARD_DIR
 
     def cell(self, cell_id: str) -> CellFolder:
         return CellFolder(self.cells_dir / cell_id)

@@ -10,9 +10,8 @@ from typing import Any, Callable, Iterator, Optional
 from contextlib import contextmanager
 
 from .config import SweepConfig
-from .layout import CellState
 from .models import net_size
-from .sweep import auto_jobs, cell_state
+from .sweep import auto_jobs, cell_record
 
 
 @dataclass
@@ -31,20 +30,12 @@ def plan_cells(config: SweepConfig, out_dir: Path) -> list[dict[str, Any]]:
         params, macs = net_size(cell.net_spec())
         length = cell.train.run_length(n_train)
         images = length.iterations * cell.train.batch_size
-        state = cell_state(out_dir, cell)
+        state = cell_record(out_dir, cell).state
         rows.append({"id": cell.id, "arch": cell.arch, "depth": cell.depth, "seed": cell.seed, "shortcut": cell.shortcut,
                      "params": params, "macs": macs, "iterations": length.iterations, "epochs": images / n_train,
                      "train_flops": 3 * 2 * macs * images,  # forward + backward ≈ 3 forwards, 2 FLOPs per MAC
-                     "status": _plan_status(state), "state": state.value})
+                     "status": state.plan_status, "state": state.value})
     return rows
-
-
-def _plan_status(state: CellState) -> str:
-    """`status` as plan has always printed it: finished (ended), partial, stale or pending; and damaged."""
-    if state.ended:
-        return "finished"
-    return {CellState.FAILED: "partial", CellState.PARTIAL: "partial", CellState.STALE: "stale",
-            CellState.DAMAGED: "damaged"}.get(state, "pending")
 
 
 FLOP_UNITS = (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 from . import files, install_command
 from .config import Cell, ConfigError, SweepConfig
 from .data import Images
-from .layout import ResultsFolder
+from .layout import DONE, ResultsFolder
 from .sweep import CellOutcome, StorageError, SweepEvents, next_step, run_cell
 from .train import resolve_device
 
@@ -82,8 +82,7 @@ def read_cell_files(folder: Path) -> CellFiles:
 def write_cell_files(folder: Path, contents: CellFiles) -> None:
     """Make `folder` hold exactly `contents`, each file written atomically and DONE last, as training writes it."""
     folder.mkdir(parents=True, exist_ok=True)
-    done = ResultsFolder(folder.parent.parent).cell(folder.name).done.name
-    for name in sorted(contents, key=lambda name: name == done):
+    for name in sorted(contents, key=lambda name: name == DONE):
         files.write_bytes(folder / name, contents[name])
     for path in folder.iterdir():
         if path.is_file() and not path.name.startswith(".") and path.name not in contents:

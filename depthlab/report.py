@@ -29,7 +29,8 @@ from . import files
 from .ablation import ABLATION_FIGURE, ablation_figure, ablation_markdown, judge_ablations
 from .config import Cell, parse_config
 from .errors import ConfigError, ReportError
-from .layout import CellFolder, CellState, ResultsFolder
+from . import layout
+from .layout import CellFolder, CellRecord, CellState, ResultsFolder, read_cell
 from .options import ARCHS
 from .paper import CITATION, paper_test_error
 from .results import provenance, provenance_line, write_tables
@@ -63,24 +64,6 @@ class Report:
     provenance: dict[str, Any] = field(default_factory=dict)  # commit, versions, device, times: results.provenance
 
 
-@dataclass
-class _CellRecord:
-    """What one cell folder (or one expected cell without a folder) says about that cell."""
-
-    id: str
-    state: CellState
-    summary: Optional[dict[str, Any]] = None
-    metrics: Optional[pd.DataFrame] = None
-    epochs_total: Optional[int] = None
-    damage: Optional[str] = None  # why a damaged cell's files cannot be trusted
-    dynamics: Optional[pd.DataFrame] = None  # dynamics.csv, when the cell recorded one
-
-    @property
-    def status(self) -> str:
-        """The state in the report's published words (`missing[].status`): 'not started' and 'running' for pending and partial."""
-        return {CellState.PENDING: "not started", CellState.PARTIAL: "running"}.get(self.state, self.state.value)
-
-
 # ----------------------------------------------------------------------------- reading the folder
 
 
@@ -98,21 +81,6 @@ def _expected_cells(results: ResultsFolder) -> tuple[Optional[str], dict[str, Ce
     return config.name, {cell.id: cell for cell in config.cells}, []
 
 
-def _read_cell(folder: CellFolder, expected: Optional[Cell]) -> _CellRecord:
-    """A cell's state as the sweep sees it (stale when trained under another configuration than sweep.yaml's)."""
-    damage = folder.damage()
-    if damage is not None:
-        return _CellRecord(folder.id, CellState.DAMAGED, damage=damage.reason)
-    state = folder.state(expected.fingerprint() if expected is not None else None)
-    metrics = pd.read_csv(folder.metrics) if folder.metrics.is_file() else None
-    if state.ended:
-        return _CellRecord(folder.id, state, folder.read_summary(), metrics, dynamics=_read_dynamics(folder))
-    total = folder.read_config().get("run_length", {}).get("epochs")
-    if total is None and expected is not None:  # not started yet: a recipe in epochs still says how long it will be
-        total = expected.train.epochs
-    return _CellRecord(folder.id, state, metrics=metrics, epochs_total=total)
-
-
 def _read_dynamics(folder: CellFolder) -> Optional[pd.DataFrame]:
     """dynamics.csv, or None when it is absent or does not read back (it is optional: the verdict never needs it)."""
     try:
@@ -122,7 +90,7 @@ def _read_dynamics(folder: CellFolder) -> Optional[pd.DataFrame]:
     return frame if "epoch" in frame and len(frame) else None
 
 
-def _read_cells(results: ResultsFolder, expected: dict[str, Cell]) -> list[_CellRecord]:
+def _read_cells(results: ResultsFolder, expected: dict[str, Cell]) -> list[CellRecord]:
     """Every cell on disk plus every expected cell, in the sweep's order, then the others by name."""
     if not results.cells_dir.is_dir():
         raise ReportError(f"{results.path}: no '{results.cells_dir.name}' folder, so no results yet; run `depthlab sweep CONFIG` first")
@@ -130,8 +98,8 @@ def _read_cells(results: ResultsFolder, expected: dict[str, Cell]) -> list[_Cell
     if not on_disk and not expected:
         raise ReportError(f"{results.cells_dir} is empty: no results yet; run `depthlab sweep CONFIG` first")
     order = list(expected) + [name for name in on_disk if name not in expected]
-    return [_read_cell(on_disk[name], expected.get(name)) if name in on_disk else _CellRecord(name, CellState.PENDING)
-            for name in order]
+    return [read_cell(on_disk[name], expected[name].fingerprint() if name in expected else None) if name in on_disk
+            else CellRecord(name, CellState.PENDING) for name in order]
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -143,7 +111,7 @@ def _variant(summary: dict[str, Any]) -> str:
     return summary["id"][len(head):-len(tail)].strip("-")
 
 
-def _cell_frame(records: list[_CellRecord]) -> pd.DataFrame:
+def _cell_frame(records: list[CellRecord]) -> pd.DataFrame:
     """One row per cell that ended (finished or diverged), with its final numbers."""
     rows = []
     for rec in records:
@@ -178,10 +146,10 @@ def _aggregate(cells: pd.DataFrame) -> pd.DataFrame:
                             ignore_index=True)
 
 
-def _curves(records: list[_CellRecord]) -> pd.DataFrame:
+def _curves(records: list[CellRecord]) -> pd.DataFrame:
     """Per (arch, depth, variant, epoch): the mean over finished seeds of iteration and errors, the seeds' lowest and
     highest error (`*_min`, `*_max`: the band a figure draws) and how many seeds (`n`)."""
-    frames = [rec.metrics.assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
+    frames = [pd.DataFrame(rec.metrics).assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
               for rec in records if rec.state is CellState.FINISHED and rec.metrics is not None]
     if not frames:
         return pd.DataFrame(columns=CURVE_COLUMNS)
@@ -195,7 +163,7 @@ def _curves(records: list[_CellRecord]) -> pd.DataFrame:
 RAN_KEYS = ("device_name", "device", "precision", "memory_format", "execution")
 
 
-def _how_it_ran(records: list[_CellRecord]) -> list[dict[str, Any]]:
+def _how_it_ran(records: list[CellRecord]) -> list[dict[str, Any]]:
     """The ended cells grouped by how they ran, with their count and median images/s.
 
     Summaries written before these were recorded ran in the precision their recipe named (it had
@@ -220,10 +188,11 @@ def _ran_line(entry: dict[str, Any]) -> str:
     return f"{cells} on {entry['device_name']} ({entry['device']}): {precision}, {entry['memory_format']}, {entry['execution']}{rate}"
 
 
-def _dynamics(records: list[_CellRecord]) -> pd.DataFrame:
+def _dynamics(records: list[CellRecord], results: ResultsFolder) -> pd.DataFrame:
     """Per (arch, depth, variant, epoch): the mean over finished seeds of each recorded gradient norm and branch ratio."""
-    frames = [rec.dynamics.assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
-              for rec in records if rec.state is CellState.FINISHED and rec.dynamics is not None]
+    read = [(rec, _read_dynamics(results.cell(rec.id))) for rec in records if rec.state is CellState.FINISHED]
+    frames = [dynamics.assign(arch=rec.summary["arch"], depth=rec.summary["depth"], variant=_variant(rec.summary))
+              for rec, dynamics in read if dynamics is not None]
     if not frames:
         return pd.DataFrame()
     joined = pd.concat(frames, ignore_index=True)
@@ -231,20 +200,23 @@ def _dynamics(records: list[_CellRecord]) -> pd.DataFrame:
     return joined.groupby(KEYS + ["epoch"])[values].mean().reset_index()
 
 
-def _missing(records: list[_CellRecord]) -> list[dict[str, Any]]:
+def _missing(records: list[CellRecord], expected: dict[str, Cell]) -> list[dict[str, Any]]:
     """Cells the means leave out and why, with their progress where it is known."""
     out = []
     for rec in records:
         if rec.state is CellState.FINISHED:
             continue
-        entry: dict[str, Any] = {"id": rec.id, "status": rec.status, "state": rec.state.value}
+        entry: dict[str, Any] = {"id": rec.id, "status": rec.state.report_status, "state": rec.state.value}
         if rec.state in (CellState.PARTIAL, CellState.FAILED):
             entry["epochs_done"] = 0 if rec.metrics is None else len(rec.metrics)
-            entry["epochs_total"] = rec.epochs_total
+            total = rec.config.get("run_length", {}).get("epochs")
+            if total is None and rec.id in expected:  # not started yet: a recipe in epochs still says how long it will be
+                total = expected[rec.id].train.epochs
+            entry["epochs_total"] = total
         elif rec.state is CellState.DIVERGED:
             entry["epochs_done"] = rec.summary.get("epochs")
         elif rec.state is CellState.DAMAGED:
-            entry["reason"] = rec.damage
+            entry["reason"] = rec.damage.reason
         out.append(entry)
     return out
 
@@ -252,10 +224,10 @@ def _missing(records: list[_CellRecord]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- the verdict
 
 
-def _verdict_cells(records: list[_CellRecord]) -> pd.DataFrame:
+def _verdict_cells(records: list[CellRecord]) -> pd.DataFrame:
     """Every cell the verdict must see: those that ended with their numbers, the others by id with their status."""
-    pending = [{"arch": key[0], "depth": key[1], "variant": "", "seed": key[2], "status": rec.status}
-               for rec in records if rec.status not in ("finished", "diverged") and (key := base_cell_key(rec.id))]
+    pending = [{"arch": key[0], "depth": key[1], "variant": "", "seed": key[2], "status": rec.state.report_status}
+               for rec in records if not rec.state.ended and (key := base_cell_key(rec.id))]
     ended = _cell_frame(records)
     if not pending:
         return ended
@@ -332,8 +304,8 @@ def build_report(results_dir: Path) -> Report:
     _record_look(results, verdict, judged_before)
     notes += look_notes
     return Report(name=name or results_dir.name, rows=_aggregate(cells), verdict=verdict,
-                  missing=_missing(records), curves=_curves(records), notes=notes, ran=_how_it_ran(records),
-                  dynamics=_dynamics(records), ablations=judge_ablations(cells), provenance=provenance(results_dir))
+                  missing=_missing(records, expected), curves=_curves(records), notes=notes, ran=_how_it_ran(records),
+                  dynamics=_dynamics(records, results), ablations=judge_ablations(cells), provenance=provenance(results_dir))
 
 
 # ----------------------------------------------------------------------------- words and tables
@@ -509,14 +481,11 @@ def report_markdown(report: Report) -> str:
         text += ["## How it ran", ""] + [f"- {_ran_line(entry)}" for entry in report.ran] + [""]
     if (origin := provenance_line(report.provenance)) is not None:
         text += ["## Provenance", "", origin, ""]
-    figure = ResultsFolder(Path(".")).figure.name
-    text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({figure})", ""]
+    text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({layout.FIGURE})", ""]
     if report.verdict.get("seeds"):
-        name = ResultsFolder(Path(".")).verdict_figure.name
-        text += [f"![The verdict's numbers: clean training error vs depth, every seed a dot]({name})", ""]
+        text += [f"![The verdict's numbers: clean training error vs depth, every seed a dot]({layout.VERDICT_FIGURE})", ""]
     if _has_dynamics(report):
-        name = ResultsFolder(Path(".")).dynamics_figure.name
-        text += [f"![Gradients reaching stage 1 and branch sizes per epoch]({name})", ""]
+        text += [f"![Gradients reaching stage 1 and branch sizes per epoch]({layout.DYNAMICS_FIGURE})", ""]
     return "\n".join(text)
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from . import files
 from .config import Cell, ConfigError, parse_config
-from .layout import CellFolder, CellState, FinalErrors, ResultsFolder
+from .layout import CellFolder, CellState, FinalErrors, ResultsFolder, read_cell
 
 IDENTITY = ["id", "arch", "depth", "seed", "variant", "shortcut"]
 FINAL = list(FinalErrors.__annotations__)  # train_loss, train_err, test_loss, … clean_train_err
@@ -52,17 +52,14 @@ def _identity(folder_id: str, described: dict[str, Any]) -> dict[str, Any]:
 
 def _cell_row(folder: CellFolder, expected: Optional[Cell]) -> tuple[dict[str, Any], Optional[pd.DataFrame]]:
     """A cell's row of `cells` and its epochs (None when it has none it can vouch for)."""
-    if folder.damage() is not None:
-        described = expected.to_dict() if expected is not None else {}
-        return {**_identity(folder.id, described), "state": CellState.DAMAGED.value}, None
-    state = folder.state(expected.fingerprint() if expected is not None else None)
-    summary: dict[str, Any] = dict(folder.read_summary()) if state.ended else {}
-    described = summary or folder.read_config() or (expected.to_dict() if expected is not None else {})
-    row = {**_identity(folder.id, described), "state": state.value, **summary.get("final", {}),
+    record = read_cell(folder, expected.fingerprint() if expected is not None else None)
+    summary: dict[str, Any] = dict(record.summary or {})
+    described = summary or record.config or (expected.to_dict() if expected is not None else {})
+    row = {**_identity(folder.id, described), "state": record.state.value, **summary.get("final", {}),
            **{key: summary.get(key) for key in HOW}}
-    if not folder.metrics.is_file():
+    if record.metrics is None:
         return row, None
-    curve = pd.read_csv(folder.metrics)
+    curve = pd.DataFrame(record.metrics)
     if folder.dynamics.is_file():
         try:
             curve = curve.merge(pd.read_csv(folder.dynamics), on="epoch", how="left")
@@ -132,13 +129,8 @@ def provenance(results_dir: Path) -> dict[str, Any]:
         environment = files.read_json(results.environment) if results.environment.is_file() else {}
     except (OSError, ValueError):
         environment = {}
-    summaries = []
-    for folder in results.cells_on_disk():
-        try:
-            if folder.done.is_file() and folder.summary.is_file():
-                summaries.append(folder.read_summary())
-        except (OSError, ValueError):
-            continue
+    records = (read_cell(folder) for folder in results.cells_on_disk())
+    summaries = [record.summary for record in records if record.summary is not None]
     ends = [t for t in (_time(s.get("finished_at")) for s in summaries) if t is not None]
     finished = max(ends) if ends else None
     started = _time(environment.get("started_at"))

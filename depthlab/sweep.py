@@ -37,7 +37,7 @@ from .config import (CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAI
 from .data import Images, load_images
 from .errors import StorageError, SweepConflict
 from .fastpath import prepare_layouts
-from .layout import CellFolder, CellState, Damage, ResultsFolder
+from .layout import CellFolder, CellRecord, CellState, Damage, ResultsFolder, read_cell
 from .options import NetSpec
 from .models import build_net, net_size
 from .train import CellEvents, device_name, prepare_worker_process, resolve_compile, resolve_device, train_cell
@@ -87,9 +87,9 @@ def default_out_dir(config: SweepConfig) -> Path:
     return Path("results") / config.name
 
 
-def cell_state(out_dir: Path, cell: Cell) -> CellState:
-    """A cell's state in `out_dir`, judged against its current configuration."""
-    return ResultsFolder(out_dir).cell(cell.id).state(cell.fingerprint())
+def cell_record(out_dir: Path, cell: Cell) -> CellRecord:
+    """A cell's folder in `out_dir`, its state judged against the cell's current configuration."""
+    return read_cell(ResultsFolder(out_dir).cell(cell.id), cell.fingerprint())
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -528,7 +528,8 @@ def run_sweep(config: SweepConfig, out_dir: Path, events: SweepEvents, force: bo
 
 def _run_sweep(config: SweepConfig, images: Images, device: torch.device, results: ResultsFolder, events: SweepEvents,
                force: bool, lock_fd: int, executor: Executor | None = None) -> SweepOutcome:
-    states = {cell.id: cell_state(results.path, cell) for cell in config.cells}
+    records = {cell.id: cell_record(results.path, cell) for cell in config.cells}
+    states = {cell_id: record.state for cell_id, record in records.items()}
     stale = [cell for cell in config.cells if states[cell.id] is CellState.STALE]
     if stale and not force:
         names = ", ".join(c.id for c in stale[:6]) + (" …" if len(stale) > 6 else "")
@@ -538,7 +539,7 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
             f"{results.superseded_dir}/ and train them again."
         )
     moved = [results.supersede(cell.id) for cell in stale]
-    repairs = [_repair_cell(results, cell.id, states[cell.id]) for cell in config.cells] + [_repair_sweep_file(results)]
+    repairs = [_repair_cell(results, records[cell.id]) for cell in config.cells] + [_repair_sweep_file(results)]
     repairs = [repair for repair in repairs if repair is not None]
     for repair in repairs:
         events.repaired(repair)
@@ -578,13 +579,13 @@ def _checkpoint_damage(folder: CellFolder) -> Optional[Damage]:
     return None
 
 
-def _repair_cell(results: ResultsFolder, cell_id: str, state: CellState) -> Optional[Repair]:
+def _repair_cell(results: ResultsFolder, record: CellRecord) -> Optional[Repair]:
     """Move a cell's damaged files to damaged/: only a bad metrics.csv when a sound checkpoint can resume
     the cell (it writes the metrics again from its own), else the whole folder, to train the cell from scratch."""
-    if state not in (CellState.DAMAGED, CellState.PARTIAL, CellState.FAILED):
+    if record.state not in (CellState.DAMAGED, CellState.PARTIAL, CellState.FAILED):
         return None
-    folder = results.cell(cell_id)
-    damage, checkpoint = folder.damage(), _checkpoint_damage(folder)
+    cell_id, folder = record.id, results.cell(record.id)
+    damage, checkpoint = record.damage, _checkpoint_damage(folder)
     if damage is None and checkpoint is None:
         return None
     resumable = checkpoint is None and folder.checkpoint.is_file() and not folder.done.is_file()

@@ -17,7 +17,7 @@ import yaml
 
 from depthlab import files
 from depthlab.config import parse_config
-from depthlab.layout import CellState, ResultsFolder
+from depthlab.layout import CellState, ResultsFolder, read_cell
 from depthlab.report import build_report, report_json
 from depthlab.train import train_cell
 
@@ -185,7 +185,7 @@ def test_sweep_moves_a_damaged_finished_cell_aside_and_trains_it_again(cli, trai
     assert (moved / path.name).read_bytes() == damaged_bytes, "the damaged file is kept, as it was"
     assert (moved / "DONE").is_file(), "the whole cell was set aside"
     folder = ResultsFolder(out).cell(DAMAGED)
-    assert folder.state() is CellState.FINISHED
+    assert read_cell(folder).state is CellState.FINISHED
     assert list(pd.read_csv(folder.metrics).epoch) == [1, 2]
     assert snapshot(ResultsFolder(out).cell(HEALTHY).path) == healthy
     assert build_report(out).missing == []
@@ -205,7 +205,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_cell_trained_from_scratch(cli
     (moved,) = moved_folders(out)
     assert (moved / "checkpoint.pt").read_bytes() == garbled
     assert len(pd.read_csv(moved / "metrics.csv")) == 1, "the good metrics went aside with it"
-    assert ResultsFolder(out).cell(DAMAGED).state() is CellState.FINISHED
+    assert read_cell(ResultsFolder(out).cell(DAMAGED)).state is CellState.FINISHED
 
 
 def test_a_corrupt_checkpoint_does_not_fail_its_cell_forever(cli, trained, tmp_path) -> None:
@@ -213,12 +213,12 @@ def test_a_corrupt_checkpoint_does_not_fail_its_cell_forever(cli, trained, tmp_p
     out = copy_of(trained, "partial", tmp_path)
     garble(cell_file("checkpoint.pt")(out))
     files.write_text(cell_file("error.txt")(out), "Traceback …\nRuntimeError: PytorchStreamReader failed\n")
-    assert ResultsFolder(out).cell(DAMAGED).state() is CellState.FAILED
+    assert read_cell(ResultsFolder(out).cell(DAMAGED)).state is CellState.FAILED
 
     result = cli("sweep", trained["config"], "--out", out)
 
     assert result.exit_code == 0, result.output
-    assert ResultsFolder(out).cell(DAMAGED).state() is CellState.FINISHED
+    assert read_cell(ResultsFolder(out).cell(DAMAGED)).state is CellState.FINISHED
 
 
 def test_a_partial_cell_with_truncated_metrics_resumes_from_its_sound_checkpoint(cli, trained, tmp_path) -> None:

@@ -75,7 +75,7 @@ def test_provenance_comes_from_environment_json_and_the_summaries(tmp_path: Path
                                            "device_name": "Test CPU", "cuda": None, "git_commit": "0123456789abcdef",
                                            "started_at": "2026-01-01T10:00:00+00:00"})
     for cell_id, ended in (("plain-20-s0", "2026-01-01T10:05:00+00:00"), ("residual-20-s0", "2026-01-01T10:10:00+00:00")):
-        summary = results.cell(cell_id).read_summary()
+        summary = files.read_json(results.cell(cell_id).summary)
         files.write_json(results.cell(cell_id).summary, {**summary, "finished_at": ended, "compile_seconds": 2.0})
 
     record = provenance(tmp_path)
