@@ -139,13 +139,15 @@ class Cell:
     net: tuple[tuple[str, Any], ...] = ()  # the net's ablation options (NET_KEYS) that differ from the 2015 net
 
     @property
+    def variant(self) -> str:
+        """What sets this cell apart from the 2015 net of its arch and depth: shortcut B, ablation options, grid tags."""
+        parts = [self.shortcut] if self.arch == "residual" and self.shortcut != "A" else []
+        return "-".join(parts + [f"{k}={_slug(v)}" for k, v in self.net + self.tags])
+
+    @property
     def id(self) -> str:
-        parts = [self.arch, str(self.depth)]
-        if self.arch == "residual" and self.shortcut != "A":
-            parts.append(self.shortcut)
-        parts += [f"{k}={_slug(v)}" for k, v in self.net + self.tags]
-        parts.append(f"s{self.seed}")
-        return "-".join(parts)
+        """The folder name: arch, depth, the variant (when there is one) and the seed."""
+        return "-".join([self.arch, str(self.depth), *([self.variant] if self.variant else []), f"s{self.seed}"])
 
     def to_dict(self) -> dict[str, Any]:
         """Everything that defines the result, as plain JSON-able data."""
@@ -161,6 +163,11 @@ class Cell:
             **({"net": dict(self.net)} if self.net else {}),  # absent for the 2015 net: its fingerprints stay as they were
             **({"net_revision": PREACT_REVISION} if self.arch == "residual" and dict(self.net).get("block") == "pre" else {}),
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """to_dict() and the cell's identity as data, for config.json and summary.json: its variant and its net's
+        NetSpec fields (kept out of to_dict, so that fingerprints stay as they were)."""
+        return {**self.to_dict(), "variant": self.variant, "net_spec": dataclasses.asdict(self.net_spec())}
 
     def net_spec(self) -> NetSpec:
         """The net this cell trains, for `models.build_net`."""

@@ -28,6 +28,7 @@ import csv
 import io
 import itertools
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -93,13 +94,15 @@ class FinalErrors(TypedDict, total=False):
 
 
 class Summary(TypedDict, total=False):
-    """summary.json: what `train` writes when a cell ends and `report` reads (Cell.to_dict() plus these)."""
+    """summary.json: what `train` writes when a cell ends and `report` reads (Cell.to_record() plus these)."""
 
     id: str
     arch: str
     depth: int
     seed: int
     shortcut: str
+    variant: str  # '' for the 2015 net (absent from summaries written before it was recorded: see cell_identity)
+    net_spec: dict[str, Any]  # the NetSpec fields of the net trained (absent before it was recorded)
     train: dict[str, Any]
     data: dict[str, Any]
     tags: dict[str, Any]
@@ -313,6 +316,23 @@ def _state(folder: CellFolder, fingerprint: Optional[str], config: dict[str, Any
     if folder.config.is_file() or folder.metrics.is_file() or folder.checkpoint.is_file():
         return CellState.PARTIAL  # config.json is written when training starts
     return CellState.PENDING
+
+
+_BASE_ID = re.compile(r"^(?P<arch>[a-z]+)-(?P<depth>\d+)-s(?P<seed>\d+)$")  # an id without a variant
+
+
+def cell_identity(cell_id: str, described: dict[str, Any]) -> dict[str, Any]:
+    """id, arch, depth, seed, shortcut and variant of a cell, from the fields that describe it (its summary.json,
+    config.json or sweep.yaml cell). The id is read only for folders written before the variant was recorded: the
+    variant is then the id less arch, depth and seed; a folder with no fields at all is read as arch-depth-sSEED."""
+    if not described and (match := _BASE_ID.match(cell_id)):
+        described = {"arch": match["arch"], "depth": int(match["depth"]), "seed": int(match["seed"])}
+    keys = {k: described.get(k) for k in ("arch", "depth", "seed", "shortcut")}
+    variant = described.get("variant")
+    if variant is None:
+        head, tail = f"{keys['arch']}-{keys['depth']}", f"s{keys['seed']}"
+        variant = cell_id[len(head):-len(tail)].strip("-") if cell_id.startswith(head) and cell_id.endswith(tail) else ""
+    return {"id": cell_id, **keys, "variant": variant}
 
 
 @dataclass(frozen=True)

@@ -666,7 +666,10 @@ def probe_trained(cell_dir: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> t
     config = folder.read_config()
     if not folder.weights.is_file() or not config:
         raise FileNotFoundError(f"{cell_dir}: no finished cell here (needs {folder.config.name} and {folder.weights.name})")
-    spec = NetSpec(config["arch"], config["depth"], shortcut=config.get("shortcut", "A"), **config.get("net", {}))
+    if "net_spec" in config:
+        spec = NetSpec(**config["net_spec"])
+    else:  # a cell trained before config.json recorded its net's fields
+        spec = NetSpec(config["arch"], config["depth"], shortcut=config.get("shortcut", "A"), **config.get("net", {}))
     model = models.build_net(spec)
     model.load_state_dict(torch.load(folder.weights, map_location="cpu", weights_only=True))
     x, y = batch

@@ -30,11 +30,11 @@ from .ablation import ABLATION_FIGURE, ablation_figure, ablation_markdown, judge
 from .config import Cell, parse_config
 from .errors import ConfigError, ReportError
 from . import layout
-from .layout import CellFolder, CellRecord, CellState, ResultsFolder, read_cell
+from .layout import CellFolder, CellRecord, CellState, ResultsFolder, cell_identity, read_cell
 from .options import ARCHS
 from .paper import CITATION, paper_test_error
 from .results import provenance, provenance_line, write_tables
-from .verdict import base_cell_key, decide, mean_interval
+from .verdict import decide, mean_interval
 
 ARCH_LABELS = {"plain": "plain", "residual": "ResNet"}
 KEYS = ["arch", "depth", "variant"]
@@ -106,9 +106,8 @@ def _read_cells(results: ResultsFolder, expected: dict[str, Cell]) -> list[CellR
 
 
 def _variant(summary: dict[str, Any]) -> str:
-    """The cell id without arch, depth and seed: what else sets this cell apart (shortcut B, grid tags)."""
-    head, tail = f"{summary['arch']}-{summary['depth']}", f"s{summary['seed']}"
-    return summary["id"][len(head):-len(tail)].strip("-")
+    """What sets this cell apart from the 2015 net (shortcut B, ablation options, grid tags): '' for none."""
+    return cell_identity(summary["id"], summary)["variant"]
 
 
 def _cell_frame(records: list[CellRecord]) -> pd.DataFrame:
@@ -224,10 +223,12 @@ def _missing(records: list[CellRecord], expected: dict[str, Cell]) -> list[dict[
 # ----------------------------------------------------------------------------- the verdict
 
 
-def _verdict_cells(records: list[CellRecord]) -> pd.DataFrame:
-    """Every cell the verdict must see: those that ended with their numbers, the others by id with their status."""
-    pending = [{"arch": key[0], "depth": key[1], "variant": "", "seed": key[2], "status": rec.state.report_status}
-               for rec in records if not rec.state.ended and (key := base_cell_key(rec.id))]
+def _verdict_cells(records: list[CellRecord], expected: dict[str, Cell]) -> pd.DataFrame:
+    """Every cell the verdict must see: those that ended with their numbers, the others with their status."""
+    described = {rec.id: rec.config or (expected[rec.id].to_record() if rec.id in expected else {}) for rec in records}
+    unended = [(rec, cell_identity(rec.id, described[rec.id])) for rec in records if not rec.state.ended]
+    pending = [{**{k: who[k] for k in ("arch", "depth", "variant", "seed")}, "status": rec.state.report_status}
+               for rec, who in unended if who["variant"] == "" and who["arch"] in ARCHS]
     ended = _cell_frame(records)
     if not pending:
         return ended
@@ -300,7 +301,7 @@ def build_report(results_dir: Path) -> Report:
     records = _read_cells(results, expected)
     cells = _cell_frame(records)
     judged_before, look_notes = _judged_before(results)
-    verdict = compute_verdict(_verdict_cells(records), judged_before)
+    verdict = compute_verdict(_verdict_cells(records, expected), judged_before)
     _record_look(results, verdict, judged_before)
     notes += look_notes
     return Report(name=name or results_dir.name, rows=_aggregate(cells), verdict=verdict,

@@ -22,7 +22,7 @@ import yaml
 
 from . import files
 from .config import Cell, ConfigError, parse_config
-from .layout import CellFolder, CellState, FinalErrors, ResultsFolder, read_cell
+from .layout import CellFolder, CellState, FinalErrors, ResultsFolder, cell_identity, read_cell
 
 IDENTITY = ["id", "arch", "depth", "seed", "variant", "shortcut"]
 FINAL = list(FinalErrors.__annotations__)  # train_loss, train_err, test_loss, … clean_train_err
@@ -39,23 +39,12 @@ def _expected(results: ResultsFolder) -> dict[str, Cell]:
     return {cell.id: cell for cell in config.cells}
 
 
-def _variant(cell_id: str, arch: Any, depth: Any, seed: Any) -> str:
-    """The id without arch, depth and seed: what else sets this cell apart (shortcut B, ablation options, grid tags)."""
-    head, tail = f"{arch}-{depth}", f"s{seed}"
-    return cell_id[len(head):-len(tail)].strip("-") if cell_id.startswith(head) and cell_id.endswith(tail) else ""
-
-
-def _identity(folder_id: str, described: dict[str, Any]) -> dict[str, Any]:
-    keys = {k: described.get(k) for k in ("arch", "depth", "seed", "shortcut")}
-    return {"id": folder_id, **keys, "variant": _variant(folder_id, keys["arch"], keys["depth"], keys["seed"])}
-
-
 def _cell_row(folder: CellFolder, expected: Optional[Cell]) -> tuple[dict[str, Any], Optional[pd.DataFrame]]:
     """A cell's row of `cells` and its epochs (None when it has none it can vouch for)."""
     record = read_cell(folder, expected.fingerprint() if expected is not None else None)
     summary: dict[str, Any] = dict(record.summary or {})
-    described = summary or record.config or (expected.to_dict() if expected is not None else {})
-    row = {**_identity(folder.id, described), "state": record.state.value, **summary.get("final", {}),
+    described = summary or record.config or (expected.to_record() if expected is not None else {})
+    row = {**cell_identity(folder.id, described), "state": record.state.value, **summary.get("final", {}),
            **{key: summary.get(key) for key in HOW}}
     if record.metrics is None:
         return row, None
@@ -85,7 +74,7 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, curves = [], []
     for cell_id in list(expected) + [name for name in on_disk if name not in expected]:
         if cell_id not in on_disk:
-            rows.append({**_identity(cell_id, expected[cell_id].to_dict()), "state": CellState.PENDING.value})
+            rows.append({**cell_identity(cell_id, expected[cell_id].to_record()), "state": CellState.PENDING.value})
             continue
         row, curve = _cell_row(on_disk[cell_id], expected.get(cell_id))
         rows.append(row)

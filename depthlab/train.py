@@ -666,7 +666,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
 
     state = _resume(folder, cell, setup, device)
     guard()
-    files.write_json(folder.config, {**cell.to_dict(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path,
+    files.write_json(folder.config, {**cell.to_record(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path,
                                      "run_length": asdict(length)})
     if events:
         events.cell_started(cell.id, length.epochs, state.epoch)
@@ -751,7 +751,7 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
     params, macs = net_size(cell.net_spec())
     last = state.rows[-1]
     step = setup.step
-    return Summary(**cell.to_dict(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
+    return Summary(**cell.to_record(), fingerprint=cell.fingerprint(), status="diverged" if diverged else "finished",
                    params=params, macs=macs, epochs=state.epoch, iterations=state.iteration,
                    train_seconds=state.train_seconds, device=str(device), device_name=device_name(device),
                    cpu_threads=torch.get_num_threads(), warmup_ended_at=state.warmup_ended_at,

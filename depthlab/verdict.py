@@ -29,7 +29,6 @@ Only pandas and the standard library: the report must not load torch.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -63,7 +62,6 @@ RULE = (f"Decided on the clean training error (eval mode, whole training set) of
         f"some ResNet step is above {MARGIN} pp, or the interaction is below 0. A seed set that extends one judged "
         f"before in this folder is look k, tested at {ALPHA}/k. Undecided otherwise, and always on synthetic images.")
 
-_BASE_ID = re.compile(r"^(?P<arch>[a-z]+)-(?P<depth>\d+)-s(?P<seed>\d+)$")
 
 
 # ----------------------------------------------------------------------------- Student's t, without scipy
@@ -492,14 +490,6 @@ def look_number(cells: Iterable[str], judged_before: Iterable[Iterable[str]]) ->
 
 
 # ----------------------------------------------------------------------------- from result cells to a verdict
-
-
-def base_cell_key(cell_id: str) -> Optional[tuple[str, int, int]]:
-    """(arch, depth, seed) of a cell id without a variant (shortcut B, grid tags), else None: variants are not Fig. 6."""
-    match = _BASE_ID.match(cell_id)
-    if not match or match["arch"] not in ARCHS:
-        return None
-    return match["arch"], int(match["depth"]), int(match["seed"])
 
 
 def _blocking(cells: pd.DataFrame) -> list[str]:

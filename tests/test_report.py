@@ -67,7 +67,7 @@ def write_metrics(folder: CellFolder, rows: list[dict]) -> None:
 def write_cell_config(folder: CellFolder, c: Cell) -> None:
     """config.json as train_cell writes it, for a training set of ITERS_PER_EPOCH batches."""
     length = c.train.run_length(ITERS_PER_EPOCH * c.train.batch_size)
-    files.write_json(folder.config, {**c.to_dict(), "fingerprint": c.fingerprint(), "run_length": dataclasses.asdict(length)})
+    files.write_json(folder.config, {**c.to_record(), "fingerprint": c.fingerprint(), "run_length": dataclasses.asdict(length)})
 
 
 def finish(results: Path, c: Cell, train_err: float, test_err: float | None = None, clean_err: float | None = None,
@@ -81,7 +81,7 @@ def finish(results: Path, c: Cell, train_err: float, test_err: float | None = No
     final = {"train_loss": 0.5, "train_err": train_err, "test_loss": 0.6, "test_err": test_err}
     if status == "finished":
         final.update(clean_train_loss=0.4, clean_train_err=clean_err)
-    summary = Summary(**c.to_dict(), fingerprint=c.fingerprint(), status=status, params=1000 * c.depth, macs=1, epochs=EPOCHS,
+    summary = Summary(**c.to_record(), fingerprint=c.fingerprint(), status=status, params=1000 * c.depth, macs=1, epochs=EPOCHS,
                       iterations=EPOCHS * ITERS_PER_EPOCH, train_seconds=1.0, device_name="cpu", final=final)
     files.write_json(folder.summary, summary)
     folder.mark_done(fingerprint or c.fingerprint())

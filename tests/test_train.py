@@ -12,6 +12,7 @@ import torch
 from depthlab.config import parse_config
 from depthlab.data import load_images
 from depthlab.layout import CellFolder
+from depthlab.options import NetSpec
 from depthlab.train import Schedule, train_cell
 from depthlab import files
 from depthlab import train as train_module
@@ -37,6 +38,8 @@ def test_a_cell_learns_and_writes_its_metrics_summary_and_marker(tmp_path: Path)
     assert summary["status"] == "finished" and summary["params"] > 0
     assert 0 <= summary["final"]["clean_train_err"] <= 100
     assert files.read_json(CellFolder(tmp_path).summary)["fingerprint"] == cell.fingerprint()
+    for written in (files.read_json(CellFolder(tmp_path).summary), files.read_json(CellFolder(tmp_path).config)):
+        assert written["variant"] == "" and NetSpec(**written["net_spec"]) == cell.net_spec()  # the identity as data
     assert (CellFolder(tmp_path).done).read_text().strip() == cell.fingerprint()
     assert not (CellFolder(tmp_path).checkpoint).exists()
 

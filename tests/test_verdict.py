@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from depthlab import files
+from depthlab.layout import cell_identity
 from depthlab.report import build_report, report_markdown, write_report
-from depthlab.verdict import (ALPHA, MARGIN, SEEDS_REQUIRED, base_cell_key, binomial_floor, decide, judge, look_number,
+from depthlab.verdict import (ALPHA, MARGIN, SEEDS_REQUIRED, binomial_floor, decide, judge, look_number,
                               mean_interval, t_quantile, welch)
 from tests.test_report import FIGURE6, cell, finish, finish_all, start, sweep, write_sweep
 
@@ -78,9 +79,17 @@ def test_a_mean_interval_needs_two_seeds():
     assert low == pytest.approx(5 - 12.706, abs=1e-3) and high == pytest.approx(5 + 12.706, abs=1e-3)
 
 
-def test_only_ids_without_a_variant_are_figure6_cells():
-    assert base_cell_key("residual-110-s2") == ("residual", 110, 2)
-    assert base_cell_key("residual-56-B-s0") is None and base_cell_key("plain-20-lr=0.05-s1") is None
+def test_a_folder_written_before_the_variant_was_recorded_is_read_by_its_id():
+    assert cell_identity("residual-110-s2", {}) == {"id": "residual-110-s2", "arch": "residual", "depth": 110, "seed": 2,
+                                                    "shortcut": None, "variant": ""}
+    old_summary = {"arch": "residual", "depth": 56, "seed": 0, "shortcut": "B"}
+    assert cell_identity("residual-56-B-s0", old_summary)["variant"] == "B"
+    assert cell_identity("plain-20-lr=0.05-s1", {"arch": "plain", "depth": 20, "seed": 1})["variant"] == "lr=0.05"
+
+
+def test_a_cell_recorded_with_its_fields_is_read_by_them_not_by_its_id():
+    described = {"arch": "residual", "depth": 20, "seed": 3, "shortcut": "A", "variant": "init=zero_gamma"}
+    assert cell_identity("renamed-folder", described)["variant"] == "init=zero_gamma"
 
 
 # ----------------------------------------------------------------------------- outcomes on crafted cells
