@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from .config import Cell, RuntimeSpec, parse_config
 from .data import Images, Normalizer, epoch_batches, synthetic_images, training_batch
-from .models import build_model
+from .models import build_net
+from .options import NetSpec
 from .fastpath import resolve_channels_last, resolve_precision
 from .train import (CompileRecord, configure_device, device_name, epoch_generator, make_step, one_line, prepare_worker_process,
                     resolve_compile, resolve_device, synchronize)
@@ -100,7 +101,7 @@ def common_way_rate(arch: str, depth: int, batch_size: int, steps: int, warmup: 
 
     Not tuned: NCHW, no compilation, no autocast, PyTorch's default SGD kernels.
     """
-    model = build_model(arch, depth).to(device)
+    model = build_net(NetSpec(arch, depth)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     loader = torch.utils.data.DataLoader(_PilDataset(images), batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=loader_workers, pin_memory=device.type == "cuda",

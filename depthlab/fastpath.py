@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from . import files
 from .data import default_cache_dir
-from .models import build_model
+from .models import build_net
+from .options import NetSpec
 
 LAYOUT_PROBE_BATCH = 128  # the training batch of the paper's recipe
 LAYOUT_PROBE_ROUNDS = 3  # timed passes per layout, taking turns after one untimed pass each; the best counts
@@ -65,7 +66,7 @@ def measure_channels_last_speedup(device: torch.device, bf16: bool) -> float:
     y = torch.randint(0, 10, (LAYOUT_PROBE_BATCH,), device=device)
     x = torch.randn(LAYOUT_PROBE_BATCH, 3, 32, 32, device=device)
     layouts = (torch.contiguous_format, torch.channels_last)
-    runs = {layout: (build_model("residual", 20).to(device, memory_format=layout), x.contiguous(memory_format=layout))
+    runs = {layout: (build_net(NetSpec("residual", 20)).to(device, memory_format=layout), x.contiguous(memory_format=layout))
             for layout in layouts}
     best = {}
     for layout, (model, inputs) in runs.items():

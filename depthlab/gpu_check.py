@@ -36,7 +36,7 @@ import torch
 
 from . import __version__, files
 from .bench import BenchOptions, bench_images, concurrent_rate, measure_depthlab
-from .config import RuntimeSpec, parse_config
+from .config import parse_config
 from .data import synthetic_images
 from .fastpath import native_bf16, resolve_precision
 from .layout import CellFolder

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import Arch, Init, NetSpec, Shortcut, blocks_per_stage, net_spec_error
+from .options import Init, NetSpec, Shortcut, blocks_per_stage, net_spec_error
 
 STAGE_WIDTHS = (16, 32, 64)
 MLP_WIDTHS = (64, 128, 256)  # a choice: doubling like the conv stages, so option A can zero-pad; 64 = the conv net's widest stage
@@ -320,11 +320,6 @@ def build_net(spec: NetSpec) -> CifarNet:
     return CifarNet(spec)
 
 
-def build_model(arch: Arch, depth: int, shortcut: Shortcut = "A") -> CifarNet:
-    """A 2015 net by its three classic options: `build_model("residual", 56)` is ResNet-56."""
-    return build_net(NetSpec(arch, depth, shortcut=shortcut))
-
-
 def count_params(model: nn.Module) -> int:
     """Trainable parameters (the numbers in the paper's Table 6)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -366,7 +361,3 @@ def net_size(spec: NetSpec) -> tuple[int, int]:
     model = build_net(spec)
     return count_params(model), count_macs(model)
 
-
-def model_size(arch: Arch, depth: int, shortcut: Shortcut = "A") -> tuple[int, int]:
-    """`net_size` of a 2015 net by its three classic options."""
-    return net_size(NetSpec(arch, depth, shortcut=shortcut))

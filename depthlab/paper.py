@@ -16,8 +16,8 @@ CITATION = ("K. He, X. Zhang, S. Ren, J. Sun. Deep Residual Learning for Image R
 
 # Table 6: CIFAR-10 test error (%) of ResNets with option-A shortcuts, trained with the recipe below.
 TABLE6_TEST_ERROR: dict[int, float] = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
-# Table 6's caption: "For ResNet-110, we run it 5 times and show 'best (mean±std)'"; the row reads 6.43 (6.61±0.16).
-TABLE6_NOTES: dict[int, str] = {110: "best of 5 runs (mean±std 6.61±0.16)"}
+# Table 6's caption: "For ResNet-110, we run it 5 times and show 'best (mean±std)'"; the row reads 6.43 (6.61±0.16),
+# the best of 5 runs.
 
 # §4.2: lr 0.1, divided by 10 at 32k and 48k iterations, stop at 64k; weight decay 1e-4, momentum 0.9,
 # mini-batch 128; the 64k length was chosen on a 45k/5k split, the reported nets train on all 50k images.

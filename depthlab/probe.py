@@ -21,7 +21,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
+from .dynamics import WEIGHTED, BlockRef, BranchRatios, blocks, on_branches, restored
 from .options import ARCHS, NetSpec, net_spec_error
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
     from .config import DataSpec
 
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 PROBE_COLUMNS = ["arch", "variant", "depth", "loss", "logit_std", "grad_first", "grad_last", "grad_ratio",
                  "rel_grad_first_conv", "rel_grad_last_conv", "rel_grad_ratio", "nearby_gradient_correlation",
                  "nearby_gradient_correlation_far", "unrelated_image_gradient_cosine", "gradient_correlation",
@@ -51,28 +51,6 @@ BN_MODE = "train-mode BatchNorm: the probed batch's statistics (held fixed for t
 # ----------------------------------------------------------------------------- the net's parts
 
 
-@dataclass(frozen=True)
-class BlockRef:
-    """Where a block sits: its module name, stage and position (both from 1)."""
-
-    name: str
-    stage: int
-    index: int
-    module: nn.Module
-
-
-def blocks(model: nn.Module) -> list[BlockRef]:
-    """Every block of the net, in forward order."""
-    return [BlockRef(f"stages.{s}.{b}", s + 1, b + 1, block)
-            for s, stage in enumerate(model.stages) for b, block in enumerate(stage)]
-
-
-def _parts(model: nn.Module) -> dict[str, nn.Module]:
-    """The net's sections by name: stem, stage1 … stageK, classifier."""
-    stages = {f"stage{s + 1}": stage for s, stage in enumerate(model.stages)}
-    return {"stem": model.stem, **stages, "classifier": model.classifier}
-
-
 def _shortcut_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """λ·shortcut(a), a = the block's pre-activated input: what is left of a residual block without its branch."""
     preactivate = getattr(block, "preactivate", None)
@@ -81,37 +59,6 @@ def _shortcut_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- hooks
-
-
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().pow(2).mean().sqrt()
-
-
-@contextlib.contextmanager
-def _on_branches(model: nn.Module, record) -> Iterator[None]:
-    """Call `record(ref, x, F(x))` whenever the real forward evaluates a block's residual branch.
-
-    The branch is a method, not a module, so a hook cannot see it; an instance attribute that
-    wraps the class's method sees every call and is deleted afterwards.
-    """
-    refs = blocks(model)
-
-    def wrap(ref: BlockRef):
-        branch = ref.module.residual_branch
-
-        def recorded(x: torch.Tensor) -> torch.Tensor:
-            fx = branch(x)
-            record(ref, x, fx)
-            return fx
-        return recorded
-
-    try:
-        for ref in refs:
-            ref.module.residual_branch = wrap(ref)
-        yield
-    finally:
-        for ref in refs:
-            ref.module.__dict__.pop("residual_branch", None)
 
 
 @contextlib.contextmanager
@@ -123,98 +70,6 @@ def _hooks(modules_and_hooks) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
-    """Leave the model's mode and buffers (BN running statistics) as they were."""
-    was_training = model.training
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        model.train(was_training)
-
-
-class BranchRatios:
-    """RMS(F(x)) / RMS(x) per block, accumulated as 0-d tensors (no device sync while recording).
-
-    RMS rather than the plain norm so that a stage's first block, whose F(x) has half as many
-    elements as x (stride 2, twice the channels), compares like the others; where the shapes
-    agree the two are the same number. Near 0: the block is close to the identity (or to its shortcut).
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[BlockRef, torch.Tensor] = {}
-        self.counts: dict[BlockRef, int] = {}
-
-    def __call__(self, ref: BlockRef, x: torch.Tensor, fx: torch.Tensor) -> None:
-        ratio = _rms(fx) / _rms(x).clamp_min(1e-12)
-        self.sums[ref] = self.sums.get(ref, 0) + ratio
-        self.counts[ref] = self.counts.get(ref, 0) + 1
-
-    def per_block(self) -> dict[BlockRef, torch.Tensor]:
-        return {ref: total / self.counts[ref] for ref, total in self.sums.items()}
-
-    def per_stage(self) -> dict[str, torch.Tensor]:
-        """Mean ratio over each stage's blocks, keyed `branch_ratio/stageK`."""
-        by_stage: dict[int, list[torch.Tensor]] = {}
-        for ref, ratio in self.per_block().items():
-            by_stage.setdefault(ref.stage, []).append(ratio)
-        return {f"branch_ratio/stage{s}": torch.stack(r).mean() for s, r in sorted(by_stage.items())}
-
-
-@contextlib.contextmanager
-def record_branch_ratios(model: nn.Module) -> Iterator[BranchRatios]:
-    """Switch on for one training batch: `with record_branch_ratios(net) as r: net(x)`, then `r.per_stage()`."""
-    ratios = BranchRatios()
-    with _on_branches(model, ratios):
-        yield ratios
-
-
-def _section_grad_norms(model: nn.Module, grad_of: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-section norm of the conv/linear weight gradients, `grad_of(weight)` each (None: left out), as 0-d tensors."""
-    stats = {}
-    for part, module in _parts(model).items():
-        grads = [g for m in module.modules() if isinstance(m, WEIGHTED) and (g := grad_of(m.weight)) is not None]
-        if grads:
-            stats[f"grad_norm/{part}"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return stats
-
-
-def stage_stats(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per-section norm of the conv/linear weight gradients already in `.grad` (after a backward).
-
-    No extra forward or backward, and 0-d tensors on the model's device, so recording it every
-    epoch costs one device sync when the caller converts them with float(). Keys: `grad_norm/stem`,
-    `grad_norm/stage1` …, `grad_norm/classifier`; a section without gradients is left out.
-    """
-    return _section_grad_norms(model, lambda weight: weight.grad)
-
-
-def training_dynamics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> dict[str, float]:
-    """Per-section weight-gradient norms and per-stage mean branch ratios of the current weights on one batch.
-
-    Recorded once per epoch on a fixed batch, so the report can show gradients and blocks drifting
-    (toward the identity: branch ratio → 0) beside the error curves. One extra forward and backward
-    in train mode, as a training step would see it; the gradients go to no `.grad`, and BN's running
-    statistics and the mode are restored, so training continues exactly as it would without it.
-    Keys: `grad_norm/stem` … `grad_norm/classifier`, `branch_ratio/stage1` ….
-    """
-    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
-    with _restored(model):
-        model.train()
-        with record_branch_ratios(model) as ratios:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        grads = dict(zip(weights, torch.autograd.grad(loss, weights)))
-        stats = {**_section_grad_norms(model, grads.get), **ratios.per_stage()}
-    values = torch.stack(list(stats.values())).tolist()  # the one device sync
-    return dict(zip(stats, values))
 
 
 # ----------------------------------------------------------------------------- one batch, all probes
@@ -415,9 +270,9 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, projectio
     layer_hooks, order = _weighted_layers(model)
     bn_hooks, seen = _batch_statistics(model)
     lines = min(walk_lines, len(x) // 2)
-    with _restored(model):
+    with restored(model):
         model.train()
-        with _hooks(layer_hooks + bn_hooks + _block_outputs(refs, rows)), _on_branches(model, ratios):
+        with _hooks(layer_hooks + bn_hooks + _block_outputs(refs, rows)), on_branches(model, ratios):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         weights = [m.weight for _, m in order]
@@ -492,7 +347,7 @@ def lesion(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: in
     mode because a lesion tests the trained function as it would be used. The model is unchanged afterwards.
     """
     rows = []
-    with _restored(model), torch.no_grad():
+    with restored(model), torch.no_grad():
         model.eval()
         changes = _shape_changes(model, x)
         error, loss = _error_and_loss(model, x, y, batch_size)
@@ -610,7 +465,7 @@ def _label(arch: str, variant: str) -> str:
 
 def probe_figure(frame: pd.DataFrame, source: Optional[ProbeSource] = None) -> Figure:
     """Plain vs ResNet (and any variants) against depth, one panel per measure, and the walk's decay per depth."""
-    from matplotlib.figure import Figure  # here, not at import: training imports this module for training_dynamics
+    from matplotlib.figure import Figure  # here, not at import: the probe computes without drawing
 
     fig = Figure(figsize=(15, 7.5), layout="constrained")
     axes = fig.subplots(2, 3).flatten()

@@ -34,7 +34,7 @@ from .data import Images, Normalizer, epoch_batches, eval_batches, training_batc
 from .fastpath import resolve_channels_last, resolve_precision
 from .layout import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_net, net_size
-from .probe import training_dynamics
+from .dynamics import training_dynamics
 
 WARMUP_CHECK_EVERY = 20  # iterations between looks at the training error during warm-up
 # The paper's ResNet-110 warm-up lasted "about 400 iterations". A net that never reaches the threshold

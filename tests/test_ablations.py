@@ -14,7 +14,7 @@ from torch import nn
 
 from depthlab.models import (
     IMAGE_SHAPE, MLP_WIDTHS, NUM_CLASSES, CifarNet, Layers, PadShortcut, PostBlock, PreBlock, ProjectionShortcut,
-    build_model, build_net, count_params, delta_orthogonal_, model_size, net_size, residual_blocks,
+    build_net, count_params, delta_orthogonal_, net_size, residual_blocks,
 )
 from depthlab.options import NetSpec, net_spec_error
 
@@ -54,7 +54,7 @@ def test_non_default_options_are_listed_in_field_order() -> None:
 def test_a_plain_net_ignores_the_shortcut_options() -> None:
     assert NetSpec("plain", 20, shortcut="B", shortcut_scale=0.5).canonical() == NetSpec("plain", 20)
     assert NetSpec("plain", 20, shortcut="B", shortcut_scale=0.5, norm="none").non_default() == (("norm", "none"),)
-    assert model_size("plain", 8, "B") == model_size("plain", 8, "A")
+    assert net_size(NetSpec("plain", 8, shortcut="B")) == net_size(NetSpec("plain", 8, shortcut="A"))
 
 
 @pytest.mark.parametrize(
@@ -105,17 +105,8 @@ def test_every_net_keeps_the_probe_contract(family: str, arch: str, block: str, 
     assert net(x).shape == (4, NUM_CLASSES)
 
 
-def test_build_model_is_the_default_spec() -> None:
-    torch.manual_seed(0)
-    old_style = build_model("residual", 14, "B")
-    torch.manual_seed(0)
-    new_style = build_net(NetSpec("residual", 14, shortcut="B"))
-    assert old_style.state_dict().keys() == new_style.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(old_style.state_dict().values(), new_style.state_dict().values()))
-
-
 def test_default_nets_keep_the_state_dict_keys_their_saved_weights_use() -> None:
-    keys = set(build_model("residual", 8, "B").state_dict())
+    keys = set(build_net(NetSpec("residual", 8, shortcut="B")).state_dict())
     expected = {"stem.0.weight", "stem.1.weight", "stages.0.0.conv1.weight", "stages.0.0.bn1.running_mean",
                 "stages.2.0.conv2.weight", "stages.2.0.bn2.bias", "stages.1.0.shortcut.0.weight",
                 "stages.1.0.shortcut.1.running_var", "classifier.weight", "classifier.bias"}

@@ -13,7 +13,7 @@ from depthlab.config import parse_config
 from depthlab.data import synthetic_images
 from depthlab.models import build_net
 from depthlab.options import NetSpec
-from depthlab.probe import training_dynamics
+from depthlab.dynamics import training_dynamics
 from depthlab.report import Report, build_report, dynamics_figure, report_markdown, write_report
 from depthlab.sweep import run_sweep
 from depthlab.train import train_cell
