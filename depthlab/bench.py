@@ -27,7 +27,7 @@ from .data import Images, Normalizer, epoch_batches, synthetic_images, training_
 from .models import build_net
 from .options import NetSpec
 from .fastpath import resolve_channels_last, resolve_precision
-from .train import (CompileRecord, configure_device, device_name, epoch_generator, make_step, one_line, prepare_worker_process,
+from .train import (CompileRecord, configure_device, device_name, epoch_generator, build_training_setup, one_line, prepare_worker_process,
                     resolve_compile, resolve_device, synchronize)
 
 WORKER_POLL_SECONDS = 1.0  # how often the parent looks whether a silent worker is still alive
@@ -148,7 +148,7 @@ def _depthlab_span(cell: Cell, steps: int, warmup: int, device: torch.device, ru
 
     `ready` runs between the two (K processes meet there, so that they time the same interval).
     """
-    setup = make_step(cell, device, runtime)
+    setup = build_training_setup(cell, device, runtime)
     batch_size = cell.train.batch_size
     normalize = Normalizer(images.train_x, cell.data.normalize)
     done, started, epoch = 0, 0.0, 0
@@ -292,9 +292,9 @@ def compare_paths(options: BenchOptions) -> dict[str, Any]:
     rates = {path: 0.0 for path in PATHS}
     for _ in range(COMPARE_ROUNDS):
         for path, cell in cells.items():
-            layout = dataclasses.replace(runtime, channels_last=path[1])
+            formatted = dataclasses.replace(runtime, channels_last=path[1])
             rates[path] = max(rates[path], depthlab_rate(cell, steps=options.steps, warmup=options.warmup, device=device,
-                                                         runtime=layout, images=images))
+                                                         runtime=formatted, images=images))
     chosen_precision = resolve_precision("auto", device)
     chosen = (chosen_precision, resolve_channels_last("auto", device, chosen_precision == "bf16"))
     baseline = rates[PATHS[0]]

@@ -135,7 +135,7 @@ def sweep(
 ) -> None:
     """Train every cell of a sweep; re-run the same command to resume after an interruption."""
     from .display import display_for
-    from .layout import ResultsFolder
+    from .results_folder import ResultsFolder
     from .tblog import events_for
     from .report import build_report, print_report, write_report
     from .sweep import default_out_dir, run_sweep
@@ -237,7 +237,7 @@ class Format(str, Enum):
 
 def _latest_results(root: Path = Path("results")) -> Path:
     from .errors import ReportError
-    from .layout import latest_results
+    from .results_folder import latest_results
 
     latest = latest_results(root)
     if latest is None:

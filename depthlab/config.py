@@ -136,13 +136,13 @@ class Cell:
     train: TrainSpec
     data: DataSpec
     tags: tuple[tuple[str, Any], ...] = ()  # the options that tell this cell from others of the same net and seed
-    net: tuple[tuple[str, Any], ...] = ()  # the net's ablation options (NET_KEYS) that differ from the 2015 net
+    net_options: tuple[tuple[str, Any], ...] = ()  # the net's ablation options (NET_KEYS) that differ from the 2015 net
 
     @property
     def variant(self) -> str:
         """What sets this cell apart from the 2015 net of its arch and depth: shortcut B, ablation options, grid tags."""
         parts = [self.shortcut] if self.arch == "residual" and self.shortcut != "A" else []
-        return "-".join(parts + [f"{k}={_slug(v)}" for k, v in self.net + self.tags])
+        return "-".join(parts + [f"{k}={_slug(v)}" for k, v in self.net_options + self.tags])
 
     @property
     def id(self) -> str:
@@ -160,8 +160,8 @@ class Cell:
             "train": dataclasses.asdict(self.train),
             "data": self.data.identity(),
             "tags": dict(self.tags),
-            **({"net": dict(self.net)} if self.net else {}),  # absent for the 2015 net: its fingerprints stay as they were
-            **({"net_revision": PREACT_REVISION} if self.arch == "residual" and dict(self.net).get("block") == "pre" else {}),
+            **({"net": dict(self.net_options)} if self.net_options else {}),  # absent for the 2015 net: its fingerprints stay as they were
+            **({"net_revision": PREACT_REVISION} if self.arch == "residual" and dict(self.net_options).get("block") == "pre" else {}),
         }
 
     def to_record(self) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class Cell:
 
     def net_spec(self) -> NetSpec:
         """The net this cell trains, for `models.build_net`."""
-        return NetSpec(self.arch, self.depth, shortcut=self.shortcut, **dict(self.net))
+        return NetSpec(self.arch, self.depth, shortcut=self.shortcut, **dict(self.net_options))
 
     def fingerprint(self) -> str:
         """A hash of what defines the result (not its name): equal fingerprints mean a finished result is still valid."""
@@ -206,7 +206,7 @@ class SweepConfig:
             document["description"] = self.description
         document["data"] = dataclasses.asdict(self.data)
         document["runtime"] = dataclasses.asdict(self.runtime)
-        document["cells"] = [{"arch": c.arch, "depth": c.depth, "seed": c.seed, "shortcut": c.shortcut, **dict(c.net),
+        document["cells"] = [{"arch": c.arch, "depth": c.depth, "seed": c.seed, "shortcut": c.shortcut, **dict(c.net_options),
                               **dataclasses.asdict(c.train)} for c in self.cells]
         return document
 
@@ -497,7 +497,7 @@ def _make_cell(options: dict[str, Any], base: dict[str, Any], model: dict[str, A
         raise ConfigError(source, where, problem)
     net = net.canonical()
     return Cell(arch=arch, depth=options["depth"], seed=seed, shortcut=net.shortcut, train=spec, data=data,
-                net=tuple((k, v) for k, v in net.non_default() if k != "shortcut"))
+                net_options=tuple((k, v) for k, v in net.non_default() if k != "shortcut"))
 
 
 def _name_variants(cells: list[Cell]) -> list[Cell]:
@@ -509,10 +509,10 @@ def _name_variants(cells: list[Cell]) -> list[Cell]:
     unique = list({c.fingerprint(): c for c in cells}.values())
     groups: dict[tuple, list[Cell]] = {}
     for cell in unique:
-        groups.setdefault((cell.arch, cell.depth, cell.shortcut, cell.net, cell.seed), []).append(cell)
+        groups.setdefault((cell.arch, cell.depth, cell.shortcut, cell.net_options, cell.seed), []).append(cell)
     named = []
     for cell in unique:
-        siblings = groups[(cell.arch, cell.depth, cell.shortcut, cell.net, cell.seed)]
+        siblings = groups[(cell.arch, cell.depth, cell.shortcut, cell.net_options, cell.seed)]
         recipes = [dataclasses.asdict(c.train) for c in siblings]
         differing = [k for k in TRAIN_KEYS if len({json.dumps(r[k]) for r in recipes}) > 1]
         named.append(dataclasses.replace(cell, tags=tuple((k, getattr(cell.train, k)) for k in differing)))

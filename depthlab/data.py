@@ -1,8 +1,8 @@
 """CIFAR-10 images: finding them, decoding them once, and feeding them from the training device.
 
-Four layouts are read: torchvision's `cifar-10-batches-py` (downloaded where there is
+Four formats are read: torchvision's `cifar-10-batches-py` (downloaded where there is
 internet), the published `cifar-10-python.tar.gz` holding it (read without unpacking, its MD5
-checked), an image folder `train/<class>/*`, `test/<class>/*`, and a `.tar.gz` of such a folder. Whatever the layout, the images are decoded once into uint8 arrays and cached, so
+checked), an image folder `train/<class>/*`, `test/<class>/*`, and a `.tar.gz` of such a folder. Whatever the format, the images are decoded once into uint8 arrays and cached, so
 later runs load in seconds. A small synthetic CIFAR-shaped set with learnable labels serves
 smoke tests and CI, where no download is possible.
 
@@ -96,7 +96,7 @@ def synthetic_images(train_size: int = 1000, test_size: int = 500, seed: int = 0
     return Images(train_x, train_y, test_x, test_y, tuple(f"pattern{i}" for i in range(10)))
 
 
-# ----------------------------------------------------------------------------- layouts on disk
+# ----------------------------------------------------------------------------- formats on disk
 
 
 # Every global a CIFAR-10 batch names: numpy's array and scalar constructors (numpy.core under numpy 1, which wrote the
@@ -314,8 +314,8 @@ def _read_tarball(path: Path) -> tuple[np.ndarray, ...]:
     return _stack(files, str(path))
 
 
-def detect_layout(path: Path) -> tuple[str, Path]:
-    """Which layout `path` holds: 'pickle', 'folder' or 'tarball', and where exactly."""
+def detect_format(path: Path) -> tuple[str, Path]:
+    """Which format `path` holds: 'pickle', 'folder' or 'tarball', and where exactly."""
     if path.is_file() and (path.name.endswith((".tar.gz", ".tgz", ".tar"))):
         return "tarball", path
     if path.is_dir():
@@ -357,20 +357,20 @@ def _save_cache(cache: Path, arrays: list[np.ndarray], classes: tuple[str, ...])
     os.replace(tmp, cache)
 
 
-def _decode_layout(layout: str, where: Path) -> tuple[list[np.ndarray], tuple[str, ...]]:
-    if layout == "pickle":
+def _decode_format(data_format: str, where: Path) -> tuple[list[np.ndarray], tuple[str, ...]]:
+    if data_format == "pickle":
         return list(_read_pickle_batches(where)), CIFAR10_CLASSES
-    *arrays, classes = _read_tarball(where) if layout == "tarball" else _read_image_folder(where)
+    *arrays, classes = _read_tarball(where) if data_format == "tarball" else _read_image_folder(where)
     return arrays, classes
 
 
 def read_dataset(path: Path, cache_dir: Path) -> Images:
-    """Decode the dataset at `path` (any layout) once; later calls load the cached arrays."""
-    layout, where = detect_layout(path)
+    """Decode the dataset at `path` (any format) once; later calls load the cached arrays."""
+    data_format, where = detect_format(path)
     cache = cache_dir / "decoded" / f"{where.name}-{_cache_key(where)}.npz"
     cached = _load_cache(cache)
     if cached is None:
-        cached = _decode_layout(layout, where)
+        cached = _decode_format(data_format, where)
         _save_cache(cache, *cached)
     arrays, classes = cached
     return Images(*(torch.from_numpy(a) for a in arrays), classes=classes)
@@ -509,7 +509,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def training_batch(images: torch.Tensor, index: torch.Tensor, normalize: Normalizer, generator: torch.Generator,
                    memory_format: torch.memory_format) -> torch.Tensor:
-    """Gather, normalise and augment one batch on the device, in the layout the model runs in."""
+    """Gather, normalise and augment one batch on the device, in the memory format the model runs in."""
     return augment(normalize(images[index]), generator).contiguous(memory_format=memory_format)
 
 

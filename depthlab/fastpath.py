@@ -1,10 +1,10 @@
 """The fastest correct path per device: bf16 autocast where the hardware computes bf16, and the
-memory layout that measures faster here.
+memory format that measures faster here.
 
 Evidence (`depthlab bench --compare`, a 2-core AMD EPYC with AVX512-BF16, torch 2.14.1, ResNet-56,
 batch 128, depthlab's whole step): fp32 NCHW 169 img/s, fp32 channels_last 217, bf16 autocast NCHW
 298, bf16 autocast channels_last 335 (docs/performance.md). So neither choice is assumed:
-precision follows the hardware's bf16 support, and on a CPU the layout follows a short timing
+precision follows the hardware's bf16 support, and on a CPU the memory format follows a short timing
 that is kept in the cache folder, so every cell (and every resume) on this machine uses the same one.
 """
 
@@ -23,10 +23,10 @@ from .data import default_cache_dir
 from .models import build_net
 from .options import NetSpec
 
-LAYOUT_PROBE_BATCH = 128  # the training batch of the paper's recipe
-LAYOUT_PROBE_ROUNDS = 3  # timed passes per layout, taking turns after one untimed pass each; the best counts
-CHANNELS_LAST_MARGIN = 1.0  # channels_last when it measures faster at all: near a tie either layout costs the same
-LAYOUT_CACHE = "memory-format.json"
+FORMAT_PROBE_BATCH = 128  # the training batch of the paper's recipe
+FORMAT_PROBE_ROUNDS = 3  # timed passes per memory format, taking turns after one untimed pass each; the best counts
+CHANNELS_LAST_MARGIN = 1.0  # channels_last when it measures faster at all: near a tie either format costs the same
+FORMAT_CACHE = "memory-format.json"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -59,29 +59,29 @@ def _pass_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16
 def measure_channels_last_speedup(device: torch.device, bf16: bool) -> float:
     """How much faster a ResNet-20 training pass runs in channels_last than in NCHW here (> 1: faster).
 
-    The layouts take turns, so a change in the machine's load touches both alike; each keeps its
+    The formats take turns, so a change in the machine's load touches both alike; each keeps its
     best pass. About a second on a 2-core CPU.
     """
     torch.manual_seed(0)
-    y = torch.randint(0, 10, (LAYOUT_PROBE_BATCH,), device=device)
-    x = torch.randn(LAYOUT_PROBE_BATCH, 3, 32, 32, device=device)
-    layouts = (torch.contiguous_format, torch.channels_last)
-    runs = {layout: (build_net(NetSpec("residual", 20)).to(device, memory_format=layout), x.contiguous(memory_format=layout))
-            for layout in layouts}
+    y = torch.randint(0, 10, (FORMAT_PROBE_BATCH,), device=device)
+    x = torch.randn(FORMAT_PROBE_BATCH, 3, 32, 32, device=device)
+    formats = (torch.contiguous_format, torch.channels_last)
+    runs = {fmt: (build_net(NetSpec("residual", 20)).to(device, memory_format=fmt), x.contiguous(memory_format=fmt))
+            for fmt in formats}
     best = {}
-    for layout, (model, inputs) in runs.items():
+    for fmt, (model, inputs) in runs.items():
         _pass_seconds(model, inputs, y, bf16)  # untimed: the kernels' one-time setup
-        best[layout] = float("inf")
-    for _ in range(LAYOUT_PROBE_ROUNDS):
-        for layout, (model, inputs) in runs.items():
-            best[layout] = min(best[layout], _pass_seconds(model, inputs, y, bf16))
+        best[fmt] = float("inf")
+    for _ in range(FORMAT_PROBE_ROUNDS):
+        for fmt, (model, inputs) in runs.items():
+            best[fmt] = min(best[fmt], _pass_seconds(model, inputs, y, bf16))
     return best[torch.contiguous_format] / best[torch.channels_last]
 
 
 def _machine_key(bf16: bool) -> str:
-    """What a layout measurement holds for: this CPU, this torch, this precision.
+    """What a memory-format measurement holds for: this CPU, this torch, this precision.
 
-    Not the thread count (a guess: the layout's gain is in each kernel's vector loads, not in how
+    Not the thread count (a guess: the format's gain is in each kernel's vector loads, not in how
     threads share the work), so a sweep's worker processes, each with fewer threads, share the answer.
     """
     cpu = platform.processor() or _cpu_model()
@@ -96,8 +96,8 @@ def _cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "cpu")
 
 
-def prepare_layouts(setting: bool | str, device: torch.device, precisions: set[str]) -> None:
-    """Measure, before worker processes start, the layouts they would each measure: they then read one answer."""
+def prepare_memory_formats(setting: bool | str, device: torch.device, precisions: set[str]) -> None:
+    """Measure, before worker processes start, the memory formats they would each measure: they then read one answer."""
     for precision in sorted(precisions):
         resolve_channels_last(setting, device, resolve_precision(precision, device) == "bf16")
 
@@ -109,9 +109,9 @@ def channels_last_speedup(bf16: bool) -> float:
     """channels_last's speedup on this CPU, measured once per machine and precision and kept in the cache folder.
 
     The stored answer wins over a new measurement: a sweep's cells, its worker processes and later
-    resumes all train in the layout measured first, so a cell's numbers never hang on a re-measurement.
+    resumes all train in the memory format measured first, so a cell's numbers never hang on a re-measurement.
     """
-    path = default_cache_dir() / LAYOUT_CACHE
+    path = default_cache_dir() / FORMAT_CACHE
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -39,7 +39,7 @@ from .bench import BenchOptions, bench_images, concurrent_rate, measure_depthlab
 from .config import parse_config
 from .data import synthetic_images
 from .fastpath import native_bf16, resolve_precision
-from .layout import CellFolder
+from .results_folder import CellFolder
 from .sweep import dataset_bytes, memory_per_job
 from .train import configure_device, device_name, forget_compiled_nets, kernel_settings, resolve_device, train_cell
 

@@ -515,7 +515,7 @@ def probe_batch(spec: DataSpec, size: int, seed: int) -> tuple[torch.Tensor, tor
 
 def probe_trained(cell_dir: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[ProbeResult, list[dict]]:
     """The probe and the lesion table of a finished cell's saved weights, on `batch`."""
-    from .layout import CellFolder
+    from .results_folder import CellFolder
 
     folder = CellFolder(cell_dir)
     config = folder.read_config()

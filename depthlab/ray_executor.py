@@ -20,8 +20,8 @@ from typing import Any, Callable, Literal
 from . import files, install_command
 from .config import Cell, ConfigError, SweepConfig
 from .data import Images
-from .layout import DONE, ResultsFolder
-from .sweep import CellOutcome, StorageError, SweepEvents, next_step, run_cell
+from .results_folder import DONE, ResultsFolder
+from .sweep import CellOutcome, StorageError, SweepEvents, retry_policy, run_cell
 from .train import resolve_device
 
 RAY_INSTALL = install_command("ray")
@@ -181,7 +181,7 @@ class RayExecutor:
                     cell = cells[index]
                     outcome = self.collect(ray, ref, results, cell)
                     attempts[index] += 1
-                    step = next_step(outcome, attempts[index])
+                    step = retry_policy(outcome, attempts[index])
                     if step == "stop":
                         raise StorageError(outcome.error)
                     if step == "retry":

@@ -29,8 +29,7 @@ from . import files
 from .ablation import ABLATION_FIGURE, ablation_figure, ablation_markdown, judge_ablations
 from .config import Cell, parse_config
 from .errors import ConfigError, ReportError
-from . import layout
-from .layout import CellFolder, CellRecord, CellState, ResultsFolder, cell_identity, read_cell
+from .results_folder import DYNAMICS_FIGURE, FIGURE, VERDICT_FIGURE, CellFolder, CellRecord, CellState, ResultsFolder, cell_identity, read_cell
 from .options import ARCHS
 from .paper import CITATION, paper_test_error
 from .results import provenance, provenance_line, write_tables
@@ -58,7 +57,7 @@ class Report:
     missing: list[dict[str, Any]]
     curves: pd.DataFrame
     notes: list[str] = field(default_factory=list)  # what the report could not read and what it did instead
-    ran: list[dict[str, Any]] = field(default_factory=list)  # how the ended cells ran: device, precision, layout, execution
+    ran: list[dict[str, Any]] = field(default_factory=list)  # how the ended cells ran: device, precision, memory format, execution
     dynamics: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (arch, depth, variant, epoch): mean of dynamics.csv
     ablations: list[dict[str, Any]] = field(default_factory=list)  # per variant: its depth effect against its baseline's (ablation.py)
     provenance: dict[str, Any] = field(default_factory=dict)  # commit, versions, device, times: results.provenance
@@ -166,7 +165,7 @@ def _how_it_ran(records: list[CellRecord]) -> list[dict[str, Any]]:
     """The ended cells grouped by how they ran, with their count and median images/s.
 
     Summaries written before these were recorded ran in the precision their recipe named (it had
-    no `auto` then); their layout and execution are reported as `unrecorded`.
+    no `auto` then); their memory format and execution are reported as `unrecorded`.
     """
     groups: dict[tuple, list[float]] = {}
     for rec in records:
@@ -482,11 +481,11 @@ def report_markdown(report: Report) -> str:
         text += ["## How it ran", ""] + [f"- {_ran_line(entry)}" for entry in report.ran] + [""]
     if (origin := provenance_line(report.provenance)) is not None:
         text += ["## Provenance", "", origin, ""]
-    text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({layout.FIGURE})", ""]
+    text += ["## Figure", "", f"![Figure 6: error vs iterations, plain (left) and ResNet (right)]({FIGURE})", ""]
     if report.verdict.get("seeds"):
-        text += [f"![The verdict's numbers: clean training error vs depth, every seed a dot]({layout.VERDICT_FIGURE})", ""]
+        text += [f"![The verdict's numbers: clean training error vs depth, every seed a dot]({VERDICT_FIGURE})", ""]
     if _has_dynamics(report):
-        text += [f"![Gradients reaching stage 1 and branch sizes per epoch]({layout.DYNAMICS_FIGURE})", ""]
+        text += [f"![Gradients reaching stage 1 and branch sizes per epoch]({DYNAMICS_FIGURE})", ""]
     return "\n".join(text)
 
 

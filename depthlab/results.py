@@ -22,7 +22,7 @@ import yaml
 
 from . import files
 from .config import Cell, ConfigError, parse_config
-from .layout import CellFolder, CellState, FinalErrors, ResultsFolder, cell_identity, read_cell
+from .results_folder import CellFolder, CellState, FinalErrors, ResultsFolder, cell_identity, read_cell
 
 IDENTITY = ["id", "arch", "depth", "seed", "variant", "shortcut"]
 FINAL = list(FinalErrors.__annotations__)  # train_loss, train_err, test_loss, … clean_train_err

@@ -1,6 +1,6 @@
 """Running a sweep: resume and conflict rules, and cells in parallel, reported as events.
 
-The results folder's layout lives in `layout`. Re-running the same command skips finished
+The results folder's files live in `results_folder`. Re-running the same command skips finished
 cells and continues interrupted ones from their checkpoint. A finished cell whose
 configuration has since changed is never overwritten: the sweep refuses, or with `force`
 moves it to `superseded/` first. Files that do not read back whole (a truncated metrics.csv,
@@ -36,8 +36,8 @@ from .config import (CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAI
                      SweepConfig, check_fits_data, parse_config)
 from .data import Images, load_images
 from .errors import StorageError, SweepConflict
-from .fastpath import prepare_layouts
-from .layout import CellFolder, CellRecord, CellState, Damage, ResultsFolder, read_cell
+from .fastpath import prepare_memory_formats
+from .results_folder import CellFolder, CellRecord, CellState, Damage, ResultsFolder, read_cell
 from .options import NetSpec
 from .models import build_net, net_size
 from .train import CellEvents, device_name, prepare_worker_process, resolve_compile, resolve_device, train_cell
@@ -327,7 +327,7 @@ def _worker(rank: int, parent_pid: int, lock: SharedLock, config: SweepConfig, c
                                        before_write=lambda: exit_if_orphaned(parent_pid)))
 
 
-def next_step(outcome: CellOutcome, attempts: int) -> Literal["record", "retry", "stop"]:
+def retry_policy(outcome: CellOutcome, attempts: int) -> Literal["record", "retry", "stop"]:
     """What the sweep does with an attempt's outcome, after `attempts` attempts at that cell.
 
     A storage error stops the sweep; a cell that killed its worker is retried on a fresh one, a bounded
@@ -387,7 +387,7 @@ def _run_parallel(config: SweepConfig, cells: list[Cell], out_dir: Path, device:
         nonlocal ended
         workers[rank].cell = None
         attempts[index] += 1
-        step = next_step(outcome, attempts[index])
+        step = retry_policy(outcome, attempts[index])
         if step == "stop":
             raise StorageError(outcome.error)
         if outcome.fault == "worker":  # that process is gone or going: a fresh one takes its place
@@ -551,7 +551,7 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
     if not todo:
         return SweepOutcome(results.path, [], skipped, [], moved, repairs)
     files.write_json(results.environment, environment(device))  # the latest run; each summary names its device
-    prepare_layouts(config.runtime.channels_last, device, {cell.train.precision for cell in todo})
+    prepare_memory_formats(config.runtime.channels_last, device, {cell.train.precision for cell in todo})
 
     if executor is not None:
         jobs = executor.slots(todo)

@@ -19,7 +19,7 @@ from typing import Any, ContextManager, Optional
 
 from . import install_command
 from .config import ConfigError, SweepConfig
-from .layout import ResultsFolder
+from .results_folder import ResultsFolder
 
 TENSORBOARD_INSTALL = install_command("tensorboard")
 STEP_KEYS = ("epoch", "iteration")  # the row's position, not a number to plot

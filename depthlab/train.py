@@ -32,7 +32,7 @@ from .config import Cell, RunLength, RuntimeSpec, TrainSpec
 from .errors import DeviceError
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
 from .fastpath import resolve_channels_last, resolve_precision
-from .layout import METRIC_COLUMNS, CellFolder, Summary
+from .results_folder import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_net, net_size
 from .dynamics import training_dynamics
 
@@ -488,7 +488,7 @@ class TrainState:
 
 @dataclass
 class TrainingSetup:
-    """What one cell trains with: the model, its optimizer, the step, its precision and the input layout."""
+    """What one cell trains with: the model, its optimizer, the step, its precision and the inputs' memory format."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -501,7 +501,7 @@ class TrainingSetup:
         return self.precision == "bf16"
 
     @property
-    def layout(self) -> str:
+    def memory_format_name(self) -> str:
         """The memory format's name, for the summary."""
         return "channels_last" if self.memory_format == torch.channels_last else "nchw"
 
@@ -532,7 +532,7 @@ def _keep_or_reset_compiled(key: tuple) -> None:
     _compiled_nets.add(key)
 
 
-def make_step(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
+def build_training_setup(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
     """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use."""
     configure_device(device, runtime.deterministic)
     compile_mode = resolve_compile(runtime.compile, device)
@@ -656,7 +656,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     except ValueError as err:
         raise ValueError(f"{cell.id}: {err}") from None
     schedule = Schedule.for_cell(spec, length)
-    setup = make_step(cell, device, runtime, compile_backend)
+    setup = build_training_setup(cell, device, runtime, compile_backend)
     normalize = Normalizer(images.train_x, cell.data.normalize)
     fixed = slice(0, min(DYNAMICS_BATCH, n_train))  # the same images every epoch, unaugmented
     dynamics_batch = normalize(images.train_x[fixed]).contiguous(memory_format=setup.memory_format), images.train_y[fixed]
@@ -763,5 +763,5 @@ def _summary(cell: Cell, state: TrainState, diverged: bool, device: torch.device
                    compile_seconds=state.compile_seconds, failed_compile_seconds=state.failed_compile_seconds,
                    cudagraphs_fallback_reason=state.cudagraphs_fallback_reason,
                    **{key: value for key, value in CompileRecord(**state.compile_record).__dict__.items() if key != "steps"},
-                   precision=setup.precision, memory_format=setup.layout,
+                   precision=setup.precision, memory_format=setup.memory_format_name,
                    **kernel_settings(device))

@@ -21,11 +21,11 @@ from depthlab import files
 from depthlab.bench import BenchOptions, run_bench
 from depthlab.config import RuntimeSpec, parse_config
 from depthlab.data import synthetic_images
-from depthlab.layout import CellFolder
+from depthlab.results_folder import CellFolder
 from depthlab.models import STAGE_WIDTHS
 from depthlab.options import NetSpec, blocks_per_stage
 from depthlab.sweep import GIB, auto_jobs, dataset_bytes, memory_per_job, saved_activation_bytes
-from depthlab.train import TrainStep, configure_device, kernel_settings, make_step, train_cell
+from depthlab.train import TrainStep, configure_device, kernel_settings, build_training_setup, train_cell
 
 from .conftest import tiny_sweep
 
@@ -117,7 +117,7 @@ def test_ten_distinct_nets_in_one_process_all_train_compiled() -> None:
     x, y = IMAGES.train_x[:2].float(), IMAGES.train_y[:2]
     for cell in nets:
         backend = RecordingBackend()
-        step = make_step(cell, CPU, COMPILED, backend).step
+        step = build_training_setup(cell, CPU, COMPILED, backend).step
         step(x, y)
         assert (cell.id, backend.graphs, step.execution) == (cell.id, 1, "compiled")
 
@@ -185,9 +185,9 @@ def test_deterministic_mode_gives_up_cudnn_autotuning_and_is_recorded(restore_ke
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
-    make_step(cells()[0], CPU, RuntimeSpec(device="cpu", deterministic=True))
+    build_training_setup(cells()[0], CPU, RuntimeSpec(device="cpu", deterministic=True))
     assert kernel_settings(CPU)["deterministic"] is True  # what each summary records
-    make_step(cells()[0], CPU, EAGER)
+    build_training_setup(cells()[0], CPU, EAGER)
     assert kernel_settings(CPU)["deterministic"] is False
 
 
@@ -197,7 +197,7 @@ def test_the_bench_baseline_runs_under_the_settings_depthlab_s_side_runs_under(m
     monkeypatch.setattr(bench_module, "common_way_rate", lambda *args, **kwargs: calls.append("baseline") or 1.0)
     monkeypatch.setattr(bench_module, "measure_depthlab", lambda *args, **kwargs: calls.append("depthlab") or (2.0, {}))
     run_bench(BenchOptions(depth=8, steps=1, warmup=0, jobs=1, device="cpu"))
-    assert calls == [("configure", False), "baseline", "depthlab"]  # make_step configures the same again inside measure_depthlab
+    assert calls == [("configure", False), "baseline", "depthlab"]  # build_training_setup configures the same again inside measure_depthlab
 
 
 def conv_output_bytes(depth: int) -> int:

@@ -17,7 +17,7 @@ import yaml
 
 from depthlab import files
 from depthlab.config import parse_config
-from depthlab.layout import CellState, ResultsFolder, read_cell
+from depthlab.results_folder import CellState, ResultsFolder, read_cell
 from depthlab.report import build_report, report_json
 from depthlab.train import train_cell
 

@@ -1,4 +1,4 @@
-"""Reading CIFAR-10 in its three layouts, caching it, and augmenting whole batches on the device."""
+"""Reading CIFAR-10 in its three formats, caching it, and augmenting whole batches on the device."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def fake_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_python_release(root: Path, per_batch: int = 4) -> tuple[np.ndarray, ...]:
-    """The layout torchvision downloads: cifar-10-batches-py/data_batch_1..5, test_batch."""
+    """The format torchvision downloads: cifar-10-batches-py/data_batch_1..5, test_batch."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     xs, ys = [], []
@@ -122,7 +122,7 @@ def test_a_malformed_dataset_says_what_was_expected_where(tmp_path: Path, proble
         load_images(DataSpec(source="folder", path=str(root)), tmp_path / "cache")
 
 
-def test_an_unrecognised_folder_lists_the_layouts_depthlab_reads(tmp_path: Path) -> None:
+def test_an_unrecognised_folder_lists_the_formats_depthlab_reads(tmp_path: Path) -> None:
     (tmp_path / "stuff").mkdir()
     with pytest.raises(DataError, match="data_batch_1..5.*train/<class>/.*tar.gz"):
         load_images(DataSpec(source="cifar10", path=str(tmp_path / "stuff")), tmp_path / "cache")

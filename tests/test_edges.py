@@ -20,7 +20,7 @@ import torch
 import depthlab.sweep as sweep_module
 from depthlab.config import ConfigError, DataSpec, load_config, parse_config
 from depthlab.data import CIFAR10_CLASSES, DataError, load_images, read_dataset
-from depthlab.layout import ResultsFolder
+from depthlab.results_folder import ResultsFolder
 from depthlab.report import build_report, write_report
 from depthlab.sweep import CellOutcome, exclusive, serve
 

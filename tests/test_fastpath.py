@@ -1,4 +1,4 @@
-"""The fast path: precision follows the hardware's bf16, the CPU's layout follows one stored measurement,
+"""The fast path: precision follows the hardware's bf16, the CPU's memory format follows one stored measurement,
 and every summary and report says what actually ran."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from depthlab.config import parse_config
 from depthlab.data import synthetic_images
 from depthlab.report import build_report, report_json, report_markdown
 from depthlab.sweep import run_sweep
-from depthlab.train import make_step, train_cell
+from depthlab.train import build_training_setup, train_cell
 
 from .conftest import tiny_sweep
 from .test_ray import Recorder
@@ -26,7 +26,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def measurements(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Replaces the layout timing by a recorder that answers 1.25 (channels_last faster) and forgets earlier answers."""
+    """Replaces the memory-format timing by a recorder that answers 1.25 (channels_last faster) and forgets earlier answers."""
     calls: list[bool] = []
 
     def measure(device: torch.device, bf16: bool) -> float:
@@ -39,7 +39,7 @@ def measurements(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 
 def store(isolated_cache: Path, bf16: bool, speedup: float) -> None:
-    files.write_json(isolated_cache / fastpath.LAYOUT_CACHE, {fastpath._machine_key(bf16): {"speedup": speedup}})
+    files.write_json(isolated_cache / fastpath.FORMAT_CACHE, {fastpath._machine_key(bf16): {"speedup": speedup}})
 
 
 # ----------------------------------------------------------------------------- precision
@@ -66,15 +66,15 @@ def test_auto_precision_is_a_setting_of_the_recipe() -> None:
     assert cell.fingerprint() != parse_config(tiny_sweep(train={"epochs": 1, "precision": "fp32"})).cells[0].fingerprint()
 
 
-# ----------------------------------------------------------------------------- layout
+# ----------------------------------------------------------------------------- memory format
 
 
-def test_the_cpu_layout_is_measured_once_and_then_read_back(measurements: list[bool], isolated_cache: Path,
+def test_the_cpu_memory_format_is_measured_once_and_then_read_back(measurements: list[bool], isolated_cache: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     assert fastpath.resolve_channels_last("auto", CPU, bf16=True)
     assert fastpath.resolve_channels_last("auto", CPU, bf16=True)
     assert measurements == [True]
-    stored = json.loads((isolated_cache / fastpath.LAYOUT_CACHE).read_text())
+    stored = json.loads((isolated_cache / fastpath.FORMAT_CACHE).read_text())
     assert stored == {fastpath._machine_key(True): {"speedup": 1.25}}
     monkeypatch.setattr(fastpath, "_measured", {})  # another process: it reads the stored answer
     assert fastpath.resolve_channels_last("auto", CPU, bf16=True) and measurements == [True]
@@ -90,20 +90,20 @@ def test_a_stored_answer_decides_without_measuring_again(measurements: list[bool
     assert measurements == []
 
 
-def test_a_damaged_layout_cache_is_measured_again(measurements: list[bool], isolated_cache: Path) -> None:
-    (isolated_cache / fastpath.LAYOUT_CACHE).write_text("{not json")
+def test_a_damaged_memory_format_cache_is_measured_again(measurements: list[bool], isolated_cache: Path) -> None:
+    (isolated_cache / fastpath.FORMAT_CACHE).write_text("{not json")
     assert fastpath.resolve_channels_last("auto", CPU, bf16=False)
     assert measurements == [False]
 
 
-def test_explicit_layouts_and_gpus_need_no_measurement(measurements: list[bool]) -> None:
+def test_explicit_memory_formats_and_gpus_need_no_measurement(measurements: list[bool]) -> None:
     assert fastpath.resolve_channels_last(True, CPU, bf16=False) is True
     assert fastpath.resolve_channels_last(False, CPU, bf16=True) is False
     assert fastpath.resolve_channels_last("auto", torch.device("cuda"), bf16=True) is True
     assert measurements == []
 
 
-def test_the_measurement_times_both_layouts_of_a_real_net() -> None:
+def test_the_measurement_times_both_memory_formats_of_a_real_net() -> None:
     speedup = fastpath.measure_channels_last_speedup(CPU, bf16=False)
     assert 0.2 < speedup < 5
 
@@ -111,18 +111,18 @@ def test_the_measurement_times_both_layouts_of_a_real_net() -> None:
 # ----------------------------------------------------------------------------- what ran, recorded
 
 
-def test_the_summary_records_the_precision_and_layout_that_ran(measurements: list[bool], monkeypatch: pytest.MonkeyPatch,
+def test_the_summary_records_the_precision_and_memory_format_that_ran(measurements: list[bool], monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:
     monkeypatch.setattr(fastpath, "native_bf16", lambda device: True)
     config = parse_config(tiny_sweep(train={"epochs": 1, "batch_size": 64, "precision": "auto"}))
     summary = train_cell(config.cells[0], synthetic_images(128, 64), CPU, config.runtime, tmp_path)
     assert summary["precision"] == "bf16" and summary["memory_format"] == "channels_last"
-    setup = make_step(config.cells[0], CPU, config.runtime)
+    setup = build_training_setup(config.cells[0], CPU, config.runtime)
     assert setup.bf16 and setup.memory_format == torch.channels_last
     assert next(setup.model.parameters()).dtype == torch.float32  # autocast: the master weights stay fp32
 
 
-def test_a_sweep_measures_the_layout_before_its_workers_start_and_they_all_use_it(isolated_cache: Path, tmp_path: Path) -> None:
+def test_a_sweep_measures_the_memory_format_before_its_workers_start_and_they_all_use_it(isolated_cache: Path, tmp_path: Path) -> None:
     store(isolated_cache, bf16=False, speedup=0.5)  # NCHW here, whatever this machine would measure
     config = parse_config(tiny_sweep(runtime={"device": "cpu", "jobs": 2}, grid={"arch": ["plain", "residual"], "depth": [8], "seed": [0]}))
     outcome = run_sweep(config, tmp_path / "out", Recorder())

@@ -17,7 +17,7 @@ import torch
 import depthlab.sweep as sweep_module
 from depthlab import files
 from depthlab.config import parse_config
-from depthlab.sweep import CellOutcome, SharedLock, StorageError, SweepConflict, classify_error, exclusive, next_step, serve
+from depthlab.sweep import CellOutcome, SharedLock, StorageError, SweepConflict, classify_error, exclusive, retry_policy, serve
 
 from .conftest import write_config
 from .test_sweep import (cell_dirs, done_cells, group_gone, metrics_without_seconds, partial_cells, small_sweep, start_sweep,
@@ -254,10 +254,10 @@ def test_errors_are_classified_by_what_they_leave_unusable(err: BaseException, f
 
 def test_a_cell_that_kills_its_worker_is_retried_twice_then_recorded() -> None:
     dead = CellOutcome(None, "AcceleratorError: CUDA error", "worker")
-    assert [next_step(dead, attempts) for attempts in (1, 2, 3)] == ["retry", "retry", "record"]
-    assert next_step(CellOutcome(None, "ValueError: x", "cell"), 1) == "record"
-    assert next_step(CellOutcome({"id": "a"}), 1) == "record"
-    assert next_step(CellOutcome(None, "disk full", "storage"), 1) == "stop"
+    assert [retry_policy(dead, attempts) for attempts in (1, 2, 3)] == ["retry", "retry", "record"]
+    assert retry_policy(CellOutcome(None, "ValueError: x", "cell"), 1) == "record"
+    assert retry_policy(CellOutcome({"id": "a"}), 1) == "record"
+    assert retry_policy(CellOutcome(None, "disk full", "storage"), 1) == "stop"
 
 
 CELLS = [cell.id for cell in parse_config(small_sweep(arch=["plain"], seed=list(range(12)))).cells]

@@ -30,7 +30,7 @@ from depthlab.bench import BenchOptions, BenchWorkerError, concurrent_rate
 from depthlab.config import RuntimeSpec, parse_config
 from depthlab.data import synthetic_images
 from depthlab.sweep import CellOutcome, compile_key, exclusive, next_cell, serve
-from depthlab.train import TrainStep, forget_compiled_nets, make_step, prepare_worker_process, train_cell
+from depthlab.train import TrainStep, forget_compiled_nets, build_training_setup, prepare_worker_process, train_cell
 
 from .conftest import tiny_sweep
 from .test_compile import RecordingBackend, failing_backend
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def nchw_without_a_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU's layout probe takes seconds per fresh cache: these tests train NCHW without it."""
+    """The CPU's memory-format probe takes seconds per fresh cache: these tests train NCHW without it."""
     monkeypatch.setattr(fastpath, "channels_last_speedup", lambda bf16: 1.0)
 
 
@@ -83,7 +83,7 @@ def test_a_net_past_dynamo_s_limit_that_ran_eagerly_says_eager(monkeypatch: pyte
     with torch._dynamo.config.patch(recompile_limit=1):
         executions = []
         for cell in tiny_cells(arch="plain") + tiny_cells(arch="residual"):
-            step = make_step(cell, CPU, COMPILED, "aot_eager").step
+            step = build_training_setup(cell, CPU, COMPILED, "aot_eager").step
             step(*BATCH)
             step(*BATCH)
             executions.append((step.execution, step.eager_steps, step.record().dynamo_graphs))
@@ -105,7 +105,7 @@ def test_each_net_compiles_once_per_process_and_dynamo_resets_only_when_one_more
     backend, seen = RecordingBackend(), []
     with torch._dynamo.config.patch(recompile_limit=2):
         for cell in (residual_s0, residual_s1, plain, residual_b):  # the third distinct net would be dynamo's third graph
-            step = make_step(cell, CPU, COMPILED, backend).step
+            step = build_training_setup(cell, CPU, COMPILED, backend).step
             step(*BATCH)
             seen.append((cell.id, step.record().dynamo_graphs, step.execution, len(resets)))
     assert seen == [(residual_s0.id, 1, "compiled", 0), (residual_s1.id, 0, "compiled", 0),  # another seed: the same graph

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from depthlab import files
 from depthlab.config import Cell, parse_config
-from depthlab.layout import METRIC_COLUMNS, CellFolder, ResultsFolder, Summary
+from depthlab.results_folder import METRIC_COLUMNS, CellFolder, ResultsFolder, Summary
 from depthlab.report import ReportError, build_report, print_report, report_json, write_report
 
 EPOCHS, ITERS_PER_EPOCH = 4, 100

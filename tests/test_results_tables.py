@@ -10,7 +10,7 @@ import pandas as pd
 from rich.console import Console
 
 from depthlab import files
-from depthlab.layout import ResultsFolder
+from depthlab.results_folder import ResultsFolder
 from depthlab.report import build_report, print_report, report_json, report_markdown, write_report
 from depthlab.results import CELL_COLUMNS, load_results, provenance
 

@@ -17,7 +17,7 @@ import depthlab.train as train_module
 from depthlab.bench import BenchOptions, run_bench
 from depthlab.config import parse_config
 from depthlab.data import synthetic_images
-from depthlab.train import make_step, train_cell
+from depthlab.train import build_training_setup, train_cell
 
 from .conftest import tiny_sweep
 
@@ -33,12 +33,12 @@ def string_constants(path: Path) -> set[str]:
     return {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
 
 
-def test_each_results_file_name_is_spelled_in_the_layout_module_only() -> None:
+def test_each_results_file_name_is_spelled_in_the_results_folder_module_only() -> None:
     spelled = {name: sorted(p.name for p in PACKAGE.glob("*.py") if name in string_constants(p)) for name in RESULT_FILE_NAMES}
-    assert spelled == {name: ["layout.py"] for name in RESULT_FILE_NAMES}
+    assert spelled == {name: ["results_folder.py"] for name in RESULT_FILE_NAMES}
 
 
-@pytest.mark.parametrize("module", ["depthlab.report", "depthlab.layout", "depthlab.config"])
+@pytest.mark.parametrize("module", ["depthlab.report", "depthlab.results_folder", "depthlab.config"])
 def test_reading_results_needs_neither_torch_nor_the_trainer(module: str) -> None:
     """The report runs where torch is missing: importing it with torch blocked works and loads no training module."""
     code = (f"import sys; sys.modules['torch'] = None; import {module}; "
@@ -49,25 +49,38 @@ def test_reading_results_needs_neither_torch_nor_the_trainer(module: str) -> Non
 
 
 def test_no_module_below_the_sweep_imports_it() -> None:
-    below = ["options", "layout", "files", "config", "data", "models", "train"]
+    below = ["options", "errors", "results_folder", "files", "config", "data", "models", "dynamics", "train"]
     for name in below:
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert "sweep" not in imported and "report" not in imported, name
 
 
+def test_the_code_map_lists_every_module_after_the_modules_it_imports() -> None:
+    guide = (PACKAGE.parent / "docs" / "guide.md").read_text().split("## Code map", 1)[1]
+    listed = [name for line in guide.splitlines() if line.startswith("| `")
+              for name in (cell.strip(" `").removesuffix(".py") for cell in line.split("|")[1].split(","))]
+    assert sorted(listed) == sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    for position, name in enumerate(listed):
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1]
+        imported = {module for node in relative for module in ([node.module] if node.module else [a.name for a in node.names])}
+        imported &= set(listed)  # `from . import __version__` names the package, not a module
+        assert imported <= set(listed[:position]), (name, sorted(imported - set(listed[:position])))
+
+
 def test_bench_times_the_step_that_the_sweep_trains(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Both go through make_step, and for the same cell it builds the same model, optimizer and input layout."""
+    """Both go through build_training_setup, and for the same cell it builds the same model, optimizer and memory format."""
     built = []
-    real = train_module.make_step
+    real = train_module.build_training_setup
 
     def spy(cell, device, runtime, *backend):
         setup = real(cell, device, runtime, *backend)
         built.append((cell, setup))
         return setup
 
-    monkeypatch.setattr(train_module, "make_step", spy)
-    monkeypatch.setattr(bench_module, "make_step", spy)
+    monkeypatch.setattr(train_module, "build_training_setup", spy)
+    monkeypatch.setattr(bench_module, "build_training_setup", spy)
     options = BenchOptions(arch="plain", depth=8, batch_size=32, steps=1, warmup=0, jobs=1, device="cpu", baseline=False)
     run_bench(options)
     config = parse_config(tiny_sweep(train={"epochs": 1, "batch_size": 32}, grid={"arch": "plain", "depth": 8, "seed": 0}))
@@ -77,8 +90,8 @@ def test_bench_times_the_step_that_the_sweep_trains(monkeypatch: pytest.MonkeyPa
     assert (bench_cell.arch, bench_cell.depth, bench_cell.shortcut) == (sweep_cell.arch, sweep_cell.depth, sweep_cell.shortcut)
     assert dataclasses.asdict(bench_cell.train) == {**dataclasses.asdict(sweep_cell.train), "epochs": None, "iterations": 64000,
                                                       "milestones": None}
-    fresh_bench = make_step(bench_cell, torch.device("cpu"), options.runtime())
-    fresh_sweep = make_step(sweep_cell, torch.device("cpu"), config.runtime)
+    fresh_bench = build_training_setup(bench_cell, torch.device("cpu"), options.runtime())
+    fresh_sweep = build_training_setup(sweep_cell, torch.device("cpu"), config.runtime)
     assert type(fresh_bench.optimizer) is type(fresh_sweep.optimizer)
     assert fresh_bench.optimizer.defaults == fresh_sweep.optimizer.defaults
     assert fresh_bench.memory_format == fresh_sweep.memory_format

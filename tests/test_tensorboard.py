@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from depthlab.config import load_config, parse_config
-from depthlab.layout import ResultsFolder
+from depthlab.results_folder import ResultsFolder
 from depthlab.tblog import TensorBoardEvents, events_for
 
 from .conftest import tiny_sweep, write_config

@@ -11,7 +11,7 @@ import torch
 
 from depthlab.config import parse_config
 from depthlab.data import load_images
-from depthlab.layout import CellFolder
+from depthlab.results_folder import CellFolder
 from depthlab.options import NetSpec
 from depthlab.train import Schedule, train_cell
 from depthlab import files

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from depthlab import files
-from depthlab.layout import cell_identity
+from depthlab.results_folder import cell_identity
 from depthlab.report import build_report, report_markdown, write_report
 from depthlab.verdict import (ALPHA, MARGIN, SEEDS_REQUIRED, binomial_floor, decide, judge, look_number,
                               mean_interval, t_quantile, welch)
