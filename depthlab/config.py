@@ -33,9 +33,8 @@ from .errors import ConfigError, one_line
 from .options import ARCHS, BLOCK_ORDERS, FAMILIES, INITS, NORMS, SHORTCUTS, NetSpec, depth_error, net_spec_error
 
 
-CIFAR10_TRAIN_IMAGES = 50_000
-SYNTHETIC_TRAIN_IMAGES = 1_000  # the synthetic set's size when data.train_size is not given
-SYNTHETIC_TEST_IMAGES = 500
+CIFAR10_TRAIN_IMAGES, CIFAR10_TEST_IMAGES = 50_000, 10_000
+SYNTHETIC_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES = 1_000, 500  # the synthetic set's size when data.train_size/test_size is not given
 
 
 _SHOW = reprlib.Repr()
@@ -64,10 +63,20 @@ class DataSpec:
         """What makes two runs see the same data (the path may differ between machines)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("path", "download")}
 
+    def image_counts(self) -> tuple[int, int]:
+        """(training, test) images loaded, before val_split, known without loading them: the one place that counts them
+        (a folder dataset is assumed CIFAR-sized; a subset larger than CIFAR-10 keeps all of it)."""
+        if self.source == "synthetic":
+            return self.train_size or SYNTHETIC_TRAIN_IMAGES, self.test_size or SYNTHETIC_TEST_IMAGES
+        return min(self.train_size or CIFAR10_TRAIN_IMAGES, CIFAR10_TRAIN_IMAGES), min(self.test_size or CIFAR10_TEST_IMAGES, CIFAR10_TEST_IMAGES)
+
     def expected_train_images(self) -> int:
-        """Training images a sweep will see, known without loading them (a folder dataset is assumed CIFAR-sized)."""
-        default = SYNTHETIC_TRAIN_IMAGES if self.source == "synthetic" else CIFAR10_TRAIN_IMAGES
-        return (self.train_size or default) - self.val_split
+        """Training images a sweep will see, after val_split."""
+        return self.image_counts()[0] - self.val_split
+
+    def known_train_images(self) -> Optional[int]:
+        """expected_train_images when the config alone tells it (not for a folder dataset, whose size is known only once read)."""
+        return None if self.source == "folder" else self.expected_train_images()
 
 
 @dataclass(frozen=True)
@@ -224,9 +233,6 @@ MODEL_KEYS = ("shortcut",) + NET_KEYS
 SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size", "steps": "iterations",
             "iters": "iterations", "max_iters": "iterations", "archs": "arch", "depths": "depth", "seeds": "seed",
             "dataset": "data", "option": "shortcut", "dtype": "precision"}
-
-CIFAR10_TRAIN_IMAGES = 50_000
-SYNTHETIC_TRAIN_IMAGES = 1_000  # data.synthetic_images' default when train_size is not set
 
 # Ceilings. All are sanity bounds, not facts: far past anything the paper's recipe needs, well
 # short of what would never finish or never fit.
@@ -397,24 +403,13 @@ def _validate_train(spec: TrainSpec, source: str, where: str) -> None:
         raise ConfigError(source, f"{where}.milestones", f"must increase strictly and lie inside the run (0 < m < {length} {unit}); got {points}")
 
 
-def known_train_images(data: DataSpec) -> Optional[int]:
-    """Training images left after data.val_split, when the config alone tells (not for folder datasets)."""
-    if data.source == "synthetic":
-        total = data.train_size or SYNTHETIC_TRAIN_IMAGES
-    elif data.source == "cifar10":
-        total = min(data.train_size or CIFAR10_TRAIN_IMAGES, CIFAR10_TRAIN_IMAGES)
-    else:
-        return None
-    return total - data.val_split
-
-
 def _validate_data(spec: DataSpec, source: str) -> None:
     _check_ranges(spec, DATA_RANGES, source, "data")
     if spec.source == "folder" and not spec.path:
         raise ConfigError(source, "data.path", "source 'folder' needs a path to a train/<class>/, test/<class>/ folder or a .tar.gz of one")
     if spec.path is not None and not spec.path.isprintable():
         raise ConfigError(source, "data.path", f"must not contain NUL, newlines or other control characters, got {_show(spec.path)}")
-    left = known_train_images(spec)
+    left = spec.known_train_images()
     if left is not None and left < 1:
         raise ConfigError(source, "data.val_split", f"leaves no training images: at most {spec.val_split + left - 1:,} of "
                                                     f"{spec.val_split + left:,} can be held out, got {spec.val_split:,}")
@@ -601,7 +596,7 @@ def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
     description = raw.get("description")
     config = SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source,
                          description=description if isinstance(description, str) else None)
-    n_train = known_train_images(data)
+    n_train = data.known_train_images()
     if n_train is not None:
         check_fits_data(config, n_train)
     return config

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataSpec
+from .config import SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, DataSpec
 from .errors import DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -75,7 +75,7 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------- synthetic
 
 
-def synthetic_images(train_size: int = 1000, test_size: int = 500, seed: int = 0) -> Images:
+def synthetic_images(train_size: int = SYNTHETIC_TRAIN_IMAGES, test_size: int = SYNTHETIC_TEST_IMAGES, seed: int = 0) -> Images:
     """CIFAR-shaped images whose class is a coarse colour pattern under noise and a random shift.
 
     Small nets learn it in an epoch or two, so a smoke sweep shows real learning curves.
@@ -418,7 +418,7 @@ def load_images(spec: DataSpec, cache_dir: Path | None = None) -> Images:
     """The images a sweep trains and evaluates on, with its subsets and validation split applied."""
     cache_dir = cache_dir or default_cache_dir()
     if spec.source == "synthetic":
-        images = synthetic_images(spec.train_size or 1000, spec.test_size or 500)
+        images = synthetic_images(*spec.image_counts())
     else:
         path = Path(spec.path).expanduser() if spec.path else cache_dir / "cifar10"
         if spec.path is None and spec.source == "cifar10" and not (path / TORCHVISION_FOLDER / "data_batch_1").is_file():

@@ -32,8 +32,7 @@ import torch
 import yaml
 
 from . import __version__, files
-from .config import (CIFAR10_TRAIN_IMAGES, SYNTHETIC_TEST_IMAGES, SYNTHETIC_TRAIN_IMAGES, Cell, ConfigError, DataSpec, RuntimeSpec,
-                     SweepConfig, check_fits_data, parse_config)
+from .config import Cell, ConfigError, DataSpec, RuntimeSpec, SweepConfig, check_fits_data, parse_config
 from .data import Images, load_images
 from .errors import StorageError, SweepConflict
 from .fastpath import prepare_memory_formats
@@ -47,7 +46,6 @@ CUDA_CONTEXT_BYTES = GIB  # a guess, not measured: one process's CUDA context, c
 ACTIVATION_ALLOWANCE = 2.0  # a guess, not measured: backward's transient gradients, cached allocator blocks, a CUDA-graph pool
 PARAMETER_COPIES = 4  # weights, gradients, momentum, and one spare for autocast's bf16 weights or optimizer scratch
 MAX_JOBS_PER_GPU = 6  # a guess, never measured: small nets stop gaining from more processes somewhere around here
-CIFAR10_TEST_IMAGES = 10_000
 IMAGE_BYTES = 3 * 32 * 32 + 8  # uint8 pixels and an int64 label
 
 
@@ -135,10 +133,7 @@ def saved_activation_bytes(spec: NetSpec) -> tuple[int, int]:
 
 def dataset_bytes(data: DataSpec) -> int:
     """What a worker keeps on its device: every image as uint8 and every label (a folder dataset is assumed CIFAR-sized)."""
-    synthetic = data.source == "synthetic"
-    train = data.train_size or (SYNTHETIC_TRAIN_IMAGES if synthetic else CIFAR10_TRAIN_IMAGES)
-    test = data.test_size or (SYNTHETIC_TEST_IMAGES if synthetic else CIFAR10_TEST_IMAGES)
-    return (train + test) * IMAGE_BYTES
+    return sum(data.image_counts()) * IMAGE_BYTES
 
 
 def memory_per_job(cell: Cell, runtime: RuntimeSpec) -> int:
