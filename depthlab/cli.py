@@ -395,7 +395,7 @@ def probe(
     from .config import DataSpec
     from .options import ARCHS, depth_error
     from .probe import ProbeSource, decay_table, probe_batch, probe_depths, probe_figure, probe_trained
-    from .sweep import storage_errors
+    from .attempt import storage_errors
 
     with user_errors():
         for a in arch:

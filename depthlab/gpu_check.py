@@ -40,7 +40,7 @@ from .config import parse_config
 from .data import synthetic_images
 from .fastpath import native_bf16, resolve_precision
 from .results_folder import CellFolder
-from .sweep import dataset_bytes, memory_per_job
+from .pool import dataset_bytes, memory_per_job
 from .train import configure_device, device_name, forget_compiled_nets, kernel_settings, resolve_device, train_cell
 
 KNEE_SHARE = 0.95  # a choice: the knee is the fewest jobs that reach this share of the best aggregate throughput

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 
 from .config import SweepConfig
 from .models import net_size
-from .sweep import auto_jobs, cell_record
+from .pool import auto_jobs
+from .sweep import cell_record
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Cells as Ray tasks: a sweep that outgrows one machine hands its cells to a Ray cluster, not to a scheduler of ours.
 
 The driver (the `depthlab sweep` process) decides what runs with the same rules as a local sweep,
-before any task starts; each pending cell then becomes one Ray task that calls `sweep.run_cell`.
+before any task starts; each pending cell then becomes one Ray task that calls `attempt.run_cell`.
 Ray places the tasks (a GPU share each), and reruns a task whose worker process or node died, up to
 `SYSTEM_RETRIES` times. The results folder stays the single source of truth: with a shared filesystem
 (the driver's folder visible at the same absolute path) a task writes its cell folder directly, as a
@@ -21,7 +21,10 @@ from . import files, install_command
 from .config import Cell, ConfigError, SweepConfig
 from .data import Images
 from .results_folder import DONE, ResultsFolder
-from .sweep import CellOutcome, StorageError, SweepEvents, retry_policy, run_cell
+from .attempt import CellOutcome, retry_policy, run_cell
+from .errors import StorageError
+from .events import ForwardedEvents, deliver
+from .sweep import SweepEvents
 from .train import resolve_device
 
 RAY_INSTALL = install_command("ray")
@@ -43,7 +46,7 @@ def import_ray() -> Any:
 
 
 class EventBox:
-    """A Ray actor the tasks put their progress events into and the driver drains."""
+    """A Ray actor the tasks put their cells' events into (events.ForwardedEvents) and the driver drains."""
 
     def __init__(self) -> None:
         self.events: list[tuple] = []
@@ -54,22 +57,6 @@ class EventBox:
     def drain(self) -> list[tuple]:
         events, self.events = self.events, []
         return events
-
-
-class BoxEvents:
-    """A task's CellEvents, sent to the driver's EventBox (without waiting: a slow driver never stalls training)."""
-
-    def __init__(self, box: Any):
-        self.box = box
-
-    def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None:
-        self.box.put.remote(("started", cell_id, total_epochs, done_epochs))
-
-    def epoch_done(self, cell_id: str, row: dict) -> None:
-        self.box.put.remote(("epoch", cell_id, row))
-
-    def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None:
-        self.box.put.remote(("progress", cell_id, epoch, iterations, per_epoch))
 
 
 def read_cell_files(folder: Path) -> CellFiles:
@@ -105,7 +92,7 @@ def train_task(cell: Cell, images: Images, config: SweepConfig, out_dir: str, ma
     """
     device = resolve_device(config.runtime.device)
     images = images.to(device)
-    events = BoxEvents(box)
+    events = ForwardedEvents(box.put.remote)  # without waiting: a slow driver never stalls training
     if marker is not None and sees_marker(Path(marker), token):
         return runner(cell, images, device, config, Path(out_dir), events), None
     with tempfile.TemporaryDirectory(prefix="depthlab-") as scratch:
@@ -163,11 +150,9 @@ class RayExecutor:
             shipped = {} if self.filesystem == "shared" else read_cell_files(results.cell(cell.id).path)
             return task.remote(cell, images_ref, config, str(results.path.resolve()), shared_path, token, shipped, box, self.runner)
 
-        handlers = {"started": events.cell_started, "epoch": events.epoch_done, "progress": events.epoch_progress}
-
         def forward() -> None:
-            for kind, *rest in ray.get(box.drain.remote()):
-                handlers[kind](*rest)
+            for message in ray.get(box.drain.remote()):
+                deliver(message, events)
 
         running = {submit(cell): index for index, cell in enumerate(cells)}
         attempts = [0] * len(cells)

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional
 
 import pandas as pd
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 from . import files
 from .config import Cell, RunLength, RuntimeSpec, TrainSpec
 from .errors import DeviceError
+from .events import CellEvents
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
 from .fastpath import resolve_channels_last, resolve_precision
 from .results_folder import METRIC_COLUMNS, CellFolder, Summary
@@ -50,14 +51,6 @@ REASONS_KEPT = 10  # a choice: distinct skip or recompile reasons kept per cell;
 REASON_CHARS = 300  # a choice: compiler messages run to pages
 DYNAMICS_BATCH = 128  # a choice: images of the fixed batch on which gradients and branch ratios are recorded each epoch
 PROGRESS_SECONDS = 2.0  # a choice, not measured: a live bar that moves, at a cost of one host clock read per step
-
-
-class CellEvents(Protocol):
-    """What a training cell reports while it runs (the sweep forwards it to a display)."""
-
-    def cell_started(self, cell_id: str, total_epochs: int, done_epochs: int) -> None: ...
-    def epoch_done(self, cell_id: str, row: dict) -> None: ...
-    def epoch_progress(self, cell_id: str, epoch: int, iterations: int, per_epoch: int) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -638,16 +631,13 @@ def _save_epoch(folder: CellFolder, cell: Cell, setup: TrainingSetup, state: Tra
 
 def train_cell(cell: Cell, images: Images, device: torch.device, runtime: RuntimeSpec, cell_dir: Path,
                events: CellEvents | None = None, stop_after_epochs: int | None = None,
-               compile_backend: str | Callable = "inductor", before_write: Callable[[], None] | None = None) -> dict:
+               compile_backend: str | Callable = "inductor") -> dict:
     """Train `cell` on `images` (already on `device`), writing metrics, checkpoints and a summary to `cell_dir`.
 
     Resumes from the cell's checkpoint when one exists. `stop_after_epochs` ends the call early
     (as an interruption would), leaving the checkpoint for a later call to continue from.
     `compile_backend` is torch.compile's backend when `runtime.compile` compiles.
-    `before_write` is called before each write to `cell_dir`: a worker whose sweep is gone ends
-    itself there rather than write where a new sweep may already be training.
     """
-    guard = before_write or (lambda: None)
     folder = CellFolder(cell_dir)
     spec = cell.train
     n_train = len(images.train_y)
@@ -665,7 +655,6 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         return evaluate(setup.model, x, y, normalize, runtime.eval_batch_size, setup.bf16, setup.memory_format)
 
     state = _resume(folder, cell, setup, device)
-    guard()
     files.write_json(folder.config, {**cell.to_record(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path,
                                      "run_length": asdict(length)})
     if events:
@@ -698,7 +687,6 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         state.epoch += 1
         state.rows.append(row)
         epochs_this_call += 1
-        guard()
         _save_epoch(folder, cell, setup, state)
         if events:
             events.epoch_done(cell.id, row)
@@ -707,11 +695,8 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     if not diverged:
         clean_loss, clean_err = evaluate_on(images.train_x, images.train_y)
         summary["final"].update(clean_train_loss=clean_loss, clean_train_err=clean_err)
-        guard()
         files.save_torch(folder.weights, setup.model.state_dict())
-    guard()
     files.write_json(folder.summary, summary)
-    guard()
     folder.mark_done(cell.fingerprint())
     folder.checkpoint.unlink(missing_ok=True)
     return summary

@@ -25,7 +25,8 @@ from depthlab.config import parse_config
 from depthlab.data import synthetic_images
 from depthlab.display import LogDisplay, RichDisplay
 from depthlab.report import Report, build_report, depth_colour, figure6
-from depthlab.sweep import PipeEvents, Repair
+from depthlab.events import ForwardedEvents, deliver
+from depthlab.sweep import Repair
 from depthlab.train import train_cell
 
 from .conftest import tiny_sweep, write_config
@@ -142,10 +143,16 @@ def test_progress_is_throttled_by_wall_time(tmp_path: Path, monkeypatch) -> None
     assert [ev for ev in events.events if ev[0] == "progress"] == []
 
 
-def test_worker_processes_forward_progress_to_the_sweep() -> None:
+def test_worker_processes_forward_every_cell_event_to_the_sweep() -> None:
     parent, child = multiprocessing.Pipe()
-    PipeEvents(child).epoch_progress("plain-8-s0", 3, 120, 390)
-    assert parent.recv() == ("progress", "plain-8-s0", 3, 120, 390)
+    forwarded = ForwardedEvents(child.send)
+    forwarded.cell_started("plain-8-s0", 16, 3)
+    forwarded.epoch_progress("plain-8-s0", 3, 120, 390)
+    forwarded.epoch_done("plain-8-s0", {"epoch": 3})
+    received = Recorder()
+    for _ in range(3):
+        deliver(parent.recv(), received)
+    assert received.events == [("started", 16, 3), ("progress", 3, 120, 390), ("epoch", 3)]
 
 
 def test_the_live_display_moves_within_an_epoch_and_says_when_it_resumes() -> None:

@@ -24,7 +24,7 @@ from depthlab.data import synthetic_images
 from depthlab.results_folder import CellFolder
 from depthlab.models import STAGE_WIDTHS
 from depthlab.options import NetSpec, blocks_per_stage
-from depthlab.sweep import GIB, auto_jobs, dataset_bytes, memory_per_job, saved_activation_bytes
+from depthlab.pool import GIB, auto_jobs, dataset_bytes, memory_per_job, saved_activation_bytes
 from depthlab.train import TrainStep, configure_device, kernel_settings, build_training_setup, train_cell
 
 from .conftest import tiny_sweep

@@ -17,12 +17,14 @@ import pandas as pd
 import pytest
 import torch
 
-import depthlab.sweep as sweep_module
+import depthlab.pool as pool_module
 from depthlab.config import ConfigError, DataSpec, load_config, parse_config
 from depthlab.data import CIFAR10_CLASSES, DataError, load_images, read_dataset
 from depthlab.results_folder import ResultsFolder
 from depthlab.report import build_report, write_report
-from depthlab.sweep import CellOutcome, exclusive, serve
+from depthlab.attempt import CellOutcome
+from depthlab.pool import serve
+from depthlab.sweep import exclusive
 
 from .conftest import tiny_sweep, write_config
 from .test_data import fake_arrays, write_image_folder, write_python_release
@@ -278,7 +280,7 @@ def test_a_replaced_worker_is_waited_for_while_the_sweep_runs(tmp_path: Path) ->
     config = parse_config(tiny_sweep(grid={"arch": "plain", "depth": 8, "seed": [0, 1, 2, 3]}))
     counter = ZombieCounter()
     with exclusive(tmp_path) as fd:
-        sweep_module._run_parallel(config, config.cells, tmp_path, torch.device("cpu"), 1, counter, fd,
+        pool_module.run_pool(config, config.cells, tmp_path, torch.device("cpu"), 1, counter, fd,
                                    target=worker_that_breaks_once)
 
     assert (tmp_path / "broke").exists() and len(counter.zombies) == 4

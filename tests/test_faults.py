@@ -14,10 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-import depthlab.sweep as sweep_module
+import depthlab.pool as pool_module
 from depthlab import files
 from depthlab.config import parse_config
-from depthlab.sweep import CellOutcome, SharedLock, StorageError, SweepConflict, classify_error, exclusive, retry_policy, serve
+from depthlab.attempt import CellOutcome, classify_error, retry_policy
+from depthlab.errors import StorageError, SweepConflict
+from depthlab.pool import SharedLock, serve
+from depthlab.sweep import exclusive
 
 from .conftest import write_config
 from .test_sweep import (cell_dirs, done_cells, group_gone, metrics_without_seconds, partial_cells, small_sweep, start_sweep,
@@ -301,7 +304,7 @@ def run_fake_sweep(jobs: int, out: Path) -> Recorder:
     recorder = Recorder()
     config = parse_config(small_sweep(arch=["plain"], seed=list(range(12))))
     with exclusive(out) as fd:
-        sweep_module._run_parallel(config, config.cells, out, torch.device("cpu"), jobs, recorder, fd, target=fake_worker)
+        pool_module.run_pool(config, config.cells, out, torch.device("cpu"), jobs, recorder, fd, target=fake_worker)
     return recorder
 
 

@@ -24,12 +24,14 @@ from torch._dynamo import lookup_backend
 import depthlab.bench as bench_module
 import depthlab.fastpath as fastpath
 import depthlab.gpu_check as gpu_check
-import depthlab.sweep as sweep_module
+import depthlab.pool as pool_module
 import depthlab.train as train_module
 from depthlab.bench import BenchOptions, BenchWorkerError, concurrent_rate
 from depthlab.config import RuntimeSpec, parse_config
 from depthlab.data import synthetic_images
-from depthlab.sweep import CellOutcome, compile_key, exclusive, next_cell, serve
+from depthlab.attempt import CellOutcome
+from depthlab.pool import compile_key, next_cell, serve
+from depthlab.sweep import exclusive
 from depthlab.train import TrainStep, forget_compiled_nets, build_training_setup, prepare_worker_process, train_cell
 
 from .conftest import tiny_sweep
@@ -286,13 +288,13 @@ class Ended:
 
 def test_a_sweep_worker_that_dies_with_its_pipe_held_open_is_found_by_its_liveness_check(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sweep_module, "WORKER_POLL_SECONDS", 0.5)
+    monkeypatch.setattr(pool_module, "WORKER_POLL_SECONDS", 0.5)
     config = parse_config(tiny_sweep(grid={"arch": "plain", "depth": 8, "seed": [0, 1, 2]}))
     ended, out = Ended(), tmp_path / "out"
     started = time.monotonic()
     try:
         with exclusive(out) as fd:
-            sweep_module._run_parallel(config, config.cells, out, CPU, 2, ended, fd, target=orphaning_worker)
+            pool_module.run_pool(config, config.cells, out, CPU, 2, ended, fd, target=orphaning_worker)
     finally:
         os.kill(int((out / "orphaned").read_text()), 9)
     assert sorted(ended.cells) == sorted((cell.id, True) for cell in config.cells)  # the lost cell was retried and ended

@@ -16,7 +16,8 @@ import torch
 from depthlab import files
 from depthlab.config import parse_config
 from depthlab.ray_executor import SHARED_FS_MARKER, RayExecutor
-from depthlab.sweep import run_cell, run_sweep
+from depthlab.attempt import run_cell
+from depthlab.sweep import run_sweep
 
 from .conftest import tiny_sweep, write_config
 
@@ -73,10 +74,13 @@ def assert_same_results(out: Path, reference: Path) -> None:
 def dies_after_first_epoch(marker: Path):
     """A runner whose first attempt kills its worker process right after the first epoch's checkpoint."""
 
-    def runner(cell, images, device, config, out_dir, events, before_write=None):
+    def runner(cell, images, device, config, out_dir, events):
         class Dying:
             def cell_started(self, *args) -> None:
                 events.cell_started(*args)
+
+            def epoch_progress(self, *args) -> None:  # sent when an epoch outlasts PROGRESS_SECONDS, as on a loaded machine
+                events.epoch_progress(*args)
 
             def epoch_done(self, cell_id: str, row: dict) -> None:
                 events.epoch_done(cell_id, row)
@@ -84,7 +88,7 @@ def dies_after_first_epoch(marker: Path):
                     marker.touch()
                     os._exit(1)
 
-        return run_cell(cell, images, device, config, out_dir, Dying(), before_write)
+        return run_cell(cell, images, device, config, out_dir, Dying())
 
     return runner
 
@@ -184,8 +188,12 @@ def test_without_a_shared_filesystem_a_killed_worker_restarts_its_cell(local_ray
 
 
 def test_a_cell_that_raises_is_recorded_as_failed_with_its_error_log(local_ray, tmp_path: Path) -> None:
-    def raises(cell, images, device, config, out_dir, events, before_write=None):
-        return run_cell(cell, images, device, config, out_dir, events, before_write=lambda: 1 / 0)
+    class Raising:
+        def cell_started(self, *args) -> None:
+            raise ZeroDivisionError("division by zero")
+
+    def raises(cell, images, device, config, out_dir, events):
+        return run_cell(cell, images, device, config, out_dir, Raising())
 
     outcome = run_sweep(config_for(arch=["plain"]), tmp_path / "out", Recorder(), executor=RayExecutor(runner=raises))
     assert outcome.failed == ["plain-8-s0"]

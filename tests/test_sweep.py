@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-import depthlab.sweep as sweep_module
+import depthlab.attempt as attempt_module
 from depthlab import files
 from depthlab.config import parse_config
 
@@ -445,14 +445,14 @@ def test_asking_for_cuda_without_a_gpu_is_a_user_error_not_a_traceback(cli, tmp_
 def test_a_cell_that_crashes_is_recorded_and_the_others_still_finish(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = write_config(tmp_path / "sweep.yaml", small_sweep(seed=[0, 1]))
     out = tmp_path / "out"
-    real_train_cell = sweep_module.train_cell
+    real_train_cell = attempt_module.train_cell
 
     def flaky(cell, *args, **kwargs):
         if cell.id == "plain-8-s1":
             raise ValueError("injected failure for the test")
         return real_train_cell(cell, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "train_cell", flaky)
+    monkeypatch.setattr(attempt_module, "train_cell", flaky)
     result = cli("sweep", config, "--out", out, "--jobs", "1")
 
     assert result.exit_code == 1, result.output
@@ -463,7 +463,7 @@ def test_a_cell_that_crashes_is_recorded_and_the_others_still_finish(cli, tmp_pa
     report = json.loads(cli("report", out, "--format", "json").stdout)
     assert {"id": "plain-8-s1", "status": "failed", "state": "failed", "epochs_done": 0, "epochs_total": 2} in report["missing"]
 
-    monkeypatch.setattr(sweep_module, "train_cell", real_train_cell)
+    monkeypatch.setattr(attempt_module, "train_cell", real_train_cell)
     retry = cli("sweep", config, "--out", out)
     assert retry.exit_code == 0, retry.output
     assert "1 cell(s) to train" in retry.stdout and "3 already finished" in retry.stdout

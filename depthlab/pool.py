@@ -1,0 +1,293 @@
+"""The worker pool: a sweep's cells trained at once in worker processes on this machine.
+
+How many workers fit (`auto_jobs`, from an upper estimate of one worker's GPU memory), which cell a free worker
+trains next (another seed of the net it compiled, else the longest), and what happens when a worker dies or
+outlives its sweep: a cell that killed its worker goes to a fresh one (`attempt.retry_policy`), and a worker
+whose sweep died ends itself (`die_with_parent`). Workers forward their cells' events as `events.ForwardedEvents`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import os
+import signal
+import threading
+import time
+from functools import lru_cache
+from multiprocessing import connection, reduction
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .attempt import CellOutcome, retry_policy, run_cell
+from .config import Cell, DataSpec, RuntimeSpec, SweepConfig
+from .data import load_images
+from .errors import StorageError
+from .events import ForwardedEvents, RunEvents, deliver
+from .models import build_net, net_size
+from .options import NetSpec
+from .train import prepare_worker_process, resolve_compile
+
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = GIB  # a guess, not measured: one process's CUDA context, cuDNN/cuBLAS handles and workspaces
+ACTIVATION_ALLOWANCE = 2.0  # a guess, not measured: backward's transient gradients, cached allocator blocks, a CUDA-graph pool
+PARAMETER_COPIES = 4  # weights, gradients, momentum, and one spare for autocast's bf16 weights or optimizer scratch
+MAX_JOBS_PER_GPU = 6  # a guess, never measured: small nets stop gaining from more processes somewhere around here
+IMAGE_BYTES = 3 * 32 * 32 + 8  # uint8 pixels and an int64 label
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+WORKER_EXIT_SECONDS = 30.0  # a guess: how long a worker that got its stop signal may take to finish exiting
+WORKER_POLL_SECONDS = 5.0  # a choice: how often the sweep looks whether a silent worker is still alive
+ORPHAN_POLL_SECONDS = 1.0  # a choice: how often a worker looks whether its sweep is still alive (where no kernel signal tells it)
+ENDED = "ended"  # a worker's message for an attempt that ended, beside the forwarded cell events
+
+
+# ----------------------------------------------------------------------------- how many workers
+
+
+@lru_cache(maxsize=None)
+def saved_activation_bytes(spec: NetSpec) -> tuple[int, int]:
+    """Bytes per image that autograd keeps for the backward pass in fp32: in all, and the largest tensor.
+
+    Measured on the CPU, in a forward pass of two images under saved-tensor hooks that count
+    each saved storage once and leave out the parameters; a GPU keeps the same tensors.
+    """
+    model = build_net(spec)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        model(torch.zeros(2, 3, 32, 32))
+    return sum(saved.values()) // 2, max(saved.values()) // 2
+
+
+def dataset_bytes(data: DataSpec) -> int:
+    """What a worker keeps on its device: every image as uint8 and every label (a folder dataset is assumed CIFAR-sized)."""
+    return sum(data.image_counts()) * IMAGE_BYTES
+
+
+def memory_per_job(cell: Cell, runtime: RuntimeSpec) -> int:
+    """An upper estimate of one worker's GPU memory while it trains `cell` (see docs/performance.md).
+
+    The CUDA context, the dataset, the parameters with their gradients and momentum, and the
+    larger of training's saved activations (with an allowance) and an evaluation batch's.
+    """
+    params, _ = net_size(cell.net_spec())
+    per_image, largest = saved_activation_bytes(cell.net_spec())
+    training = ACTIVATION_ALLOWANCE * per_image * cell.train.batch_size
+    evaluation = 3 * largest * runtime.eval_batch_size  # no_grad: a layer's input, output and one temporary at a time
+    return int(CUDA_CONTEXT_BYTES + dataset_bytes(cell.data) + PARAMETER_COPIES * 4 * params + max(training, evaluation))
+
+
+def auto_jobs(device: torch.device, cells: list[Cell], runtime: RuntimeSpec) -> int:
+    """Cells to train at once: one on the CPU; on GPUs, as many as free memory holds of the largest cell, capped per GPU."""
+    if device.type != "cuda" or len(cells) <= 1:
+        return 1
+    per_job = max(memory_per_job(cell, runtime) for cell in cells)
+    gpus = torch.cuda.device_count() if device.index is None else 1
+    per_gpu = []
+    for index in range(gpus) if device.index is None else [device.index]:
+        free, _ = torch.cuda.mem_get_info(index)
+        per_gpu.append(max(1, min(MAX_JOBS_PER_GPU, free // per_job)))
+    return int(max(1, min(len(cells), sum(per_gpu))))
+
+
+def worker_device(device: torch.device, worker: int) -> torch.device:
+    """Spread workers over all visible GPUs unless one GPU was named."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", worker % torch.cuda.device_count())
+    return device
+
+
+# ----------------------------------------------------------------------------- the workers
+
+
+class SharedLock:
+    """The sweep's folder lock, handed to a worker process: the folder stays locked until every holder has exited.
+
+    Pickling it for a spawned process passes the descriptor itself (the same open file, hence the same
+    flock), so a worker that outlives its sweep for a moment still keeps a second sweep out.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return _adopt_lock, (reduction.DupFd(self.fd),)
+
+
+def _adopt_lock(inherited: Any) -> SharedLock:
+    return SharedLock(inherited.detach())
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this worker when the sweep process dies: the kernel SIGKILLs it at once (Linux), and a watchdog thread
+    ends it within ORPHAN_POLL_SECONDS elsewhere; end now if the sweep is gone already. Until the worker has exited
+    it holds the folder's lock (SharedLock), so no new sweep trains its cell meanwhile."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog below is what ends the worker
+        pass
+    exit_if_orphaned(parent_pid)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="depthlab-orphan-watch").start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(ORPHAN_POLL_SECONDS)
+        exit_if_orphaned(parent_pid)
+
+
+def exit_if_orphaned(parent_pid: int) -> None:
+    """End this worker at once when its sweep is gone: a new sweep may soon train its cell."""
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def serve(conn: Any, run: Callable[[int], CellOutcome]) -> None:
+    """A worker's loop: train the cells the parent sends until it sends None, or until this process is unfit.
+
+    Each worker has its own pipe and waits on it: no shared queue whose lock a crashed worker could
+    keep, and no non-blocking read that mistakes a busy queue for an empty one.
+    """
+    while (index := conn.recv()) is not None:
+        outcome = run(index)
+        conn.send((ENDED, index, outcome))
+        if outcome.fault in ("worker", "storage"):
+            return
+
+
+def _worker(rank: int, parent_pid: int, lock: SharedLock, config: SweepConfig, cells: list[Cell], out_dir: Path,
+            device: torch.device, jobs: int, conn: Any) -> None:
+    """A worker process: load the data onto its device once, then train the cells it is sent."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the workers
+    device = worker_device(device, rank)
+    prepare_worker_process(device, jobs, resolve_compile(config.runtime.compile, device))
+    images = load_images(config.data).to(device)
+    forward = ForwardedEvents(conn.send)
+    serve(conn, lambda index: run_cell(cells[index], images, device, config, out_dir, forward))
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    """The parent's side of one worker: its process, its pipe, the cell it was sent and the net it last trained."""
+
+    process: Any
+    conn: Any
+    cell: int | None = None
+    net: tuple | None = None
+
+
+def compile_key(cell: Cell) -> tuple:
+    """What a worker compiles once and reuses: cells that share it (other seeds of a net) share its graphs."""
+    return cell.net_spec(), cell.train.batch_size, cell.train.precision
+
+
+def next_cell(pending: collections.deque, cells: list[Cell], net: tuple | None) -> int:
+    """The first pending cell of the net the worker already compiled, else the first pending cell (the longest)."""
+    same = next((index for index in pending if net is not None and compile_key(cells[index]) == net), None)
+    if same is None:
+        return pending.popleft()
+    pending.remove(same)
+    return same
+
+
+def run_pool(config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, jobs: int,
+             display: RunEvents, lock_fd: int, target: Callable[..., None] = _worker) -> list[str]:
+    """Train `cells` in `jobs` worker processes (`target`), replacing each one that a cell leaves unfit."""
+    context = torch.multiprocessing.get_context("spawn")
+    pending = collections.deque(range(len(cells)))
+
+    def start(rank: int) -> WorkerHandle:
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=target, daemon=True, args=(rank, os.getpid(), SharedLock(lock_fd), config, cells,
+                                                                     out_dir, device, jobs, child_conn))
+        process.start()
+        child_conn.close()  # the worker's end lives in the worker only: its death reads as end of file here
+        return WorkerHandle(process, conn)
+
+    workers = {rank: start(rank) for rank in range(jobs)}
+    retired: list[Any] = []  # processes no longer sent anything, on their way out
+    attempts = [0] * len(cells)
+    failed, ended = [], 0
+
+    def settle(rank: int, index: int, outcome: CellOutcome) -> None:
+        nonlocal ended
+        workers[rank].cell = None
+        attempts[index] += 1
+        step = retry_policy(outcome, attempts[index])
+        if step == "stop":
+            raise StorageError(outcome.error)
+        if outcome.fault == "worker":  # that process is gone or going: a fresh one takes its place
+            retired.append(workers[rank].process)
+            workers[rank].conn.close()
+            workers[rank] = start(rank)
+        if step == "retry":
+            pending.append(index)
+            return
+        ended += 1
+        if outcome.error:
+            failed.append(cells[index].id)
+        display.cell_ended(cells[index].id, outcome.summary, outcome.error)
+
+    def lost(rank: int) -> None:
+        """A worker's pipe closed without a word: the process died (a crash, the OOM killer)."""
+        handle = workers[rank]
+        handle.process.join(WORKER_EXIT_SECONDS)
+        if handle.cell is not None:
+            settle(rank, handle.cell, CellOutcome(None, f"its worker process died (exit code {handle.process.exitcode})", "worker"))
+        else:  # died idle, e.g. while loading the data: a fresh one would likely die the same way
+            retired.append(handle.process)
+            handle.conn.close()
+            del workers[rank]
+
+    try:
+        while ended < len(cells):
+            # asking a retired worker for its exit code waits for it once it has ended: no zombie until the sweep ends
+            retired = [process for process in retired if process.exitcode is None]
+            for handle in workers.values():
+                if handle.cell is None and pending:
+                    handle.cell = next_cell(pending, cells, handle.net)
+                    handle.net = compile_key(cells[handle.cell])
+                    with contextlib.suppress(BrokenPipeError):  # it just died: its end of file is read below
+                        handle.conn.send(handle.cell)
+            if not workers:
+                raise RuntimeError("all worker processes exited before the sweep finished (see the messages above)")
+            by_conn = {handle.conn: rank for rank, handle in workers.items()}
+            ready = connection.wait(list(by_conn), WORKER_POLL_SECONDS)
+            for conn, rank in by_conn.items():  # a dead worker whose pipe another process still holds open sends no end of file
+                if conn not in ready and not workers[rank].process.is_alive() and not conn.poll():
+                    lost(rank)
+            for conn in ready:
+                rank = by_conn[conn]
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    lost(rank)
+                    continue
+                if message[0] == ENDED:
+                    settle(rank, *message[1:])
+                else:
+                    deliver(message, display)
+        for handle in workers.values():
+            with contextlib.suppress(BrokenPipeError):
+                handle.conn.send(None)
+        for process in [*(handle.process for handle in workers.values()), *retired]:
+            process.join(WORKER_EXIT_SECONDS)
+    finally:
+        for process in [*(handle.process for handle in workers.values()), *retired]:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    return failed
