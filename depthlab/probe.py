@@ -515,10 +515,10 @@ def probe_batch(spec: DataSpec, size: int, seed: int) -> tuple[torch.Tensor, tor
 
 def probe_trained(cell_dir: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[ProbeResult, list[dict]]:
     """The probe and the lesion table of a finished cell's saved weights, on `batch`."""
-    from .results_folder import CellFolder
+    from .results_folder import CellFolder, read_cell
 
     folder = CellFolder(cell_dir)
-    config = folder.read_config()
+    config = read_cell(folder).config
     if not folder.weights.is_file() or not config:
         raise FileNotFoundError(f"{cell_dir}: no finished cell here (needs {folder.config.name} and {folder.weights.name})")
     if "net_spec" in config:

@@ -203,6 +203,11 @@ def _metric_rows(path: Path) -> list[dict[str, Any]]:
     return [{key: _number(value) for key, value in zip(header, row)} for row in rows]
 
 
+def _inside(name: str, doc: Optional[str] = None) -> property:
+    """A folder's file (or subfolder) `name`, as a read-only attribute."""
+    return property(lambda self: self.path / name, doc=doc)
+
+
 @dataclass(frozen=True)
 class CellFolder:
     """The files of one cell."""
@@ -213,40 +218,14 @@ class CellFolder:
     def id(self) -> str:
         return self.path.name
 
-    @property
-    def done(self) -> Path:
-        return self.path / DONE
-
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT
-
-    @property
-    def dynamics(self) -> Path:
-        return self.path / DYNAMICS
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def weights(self) -> Path:
-        return self.path / WEIGHTS
-
-    @property
-    def error_log(self) -> Path:
-        return self.path / ERROR_LOG
-
-    def read_config(self) -> dict[str, Any]:
-        return files.read_json(self.config) if self.config.is_file() else {}
+    done = _inside(DONE)
+    summary = _inside(SUMMARY)
+    metrics = _inside(METRICS)
+    checkpoint = _inside(CHECKPOINT)
+    dynamics = _inside(DYNAMICS)
+    config = _inside(CONFIG)
+    weights = _inside(WEIGHTS)
+    error_log = _inside(ERROR_LOG)
 
     def mark_done(self, fingerprint: str) -> None:
         """The last write of a finished cell: from here on it is never trained again."""
@@ -341,70 +320,21 @@ class ResultsFolder:
 
     path: Path
 
-    @property
-    def cells_dir(self) -> Path:
-        return self.path / CELLS_DIR
-
-    @property
-    def superseded_dir(self) -> Path:
-        return self.path / SUPERSEDED_DIR
-
-    @property
-    def damaged_dir(self) -> Path:
-        return self.path / DAMAGED_DIR
-
-    @property
-    def sweep_file(self) -> Path:
-        return self.path / SWEEP_FILE
-
-    @property
-    def environment(self) -> Path:
-        return self.path / ENVIRONMENT
-
-    @property
-    def lock(self) -> Path:
-        return self.path / LOCK
-
-    @property
-    def report_md(self) -> Path:
-        return self.path / REPORT_MD
-
-    @property
-    def report_csv(self) -> Path:
-        return self.path / REPORT_CSV
-
-    @property
-    def figure(self) -> Path:
-        return self.path / FIGURE
-
-    @property
-    def dynamics_figure(self) -> Path:
-        return self.path / DYNAMICS_FIGURE
-
-    @property
-    def verdict_figure(self) -> Path:
-        return self.path / VERDICT_FIGURE
-
-    @property
-    def verdict_looks(self) -> Path:
-        """One JSON line per seed set the verdict judged here: a later superset of one is a later look."""
-        return self.path / VERDICT_LOOKS
-
-    @property
-    def cells_table(self) -> Path:
-        """One row per cell (results.load_results)."""
-        return self.path / CELLS_TABLE
-
-    @property
-    def curves_table(self) -> Path:
-        """One row per epoch of every cell (results.load_results)."""
-        return self.path / CURVES_TABLE
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        """One TensorBoard run per cell, in <cell id>/ (runtime.tensorboard)."""
-        return self.path / TENSORBOARD_DIR
-
+    cells_dir = _inside(CELLS_DIR)
+    superseded_dir = _inside(SUPERSEDED_DIR)
+    damaged_dir = _inside(DAMAGED_DIR)
+    sweep_file = _inside(SWEEP_FILE)
+    environment = _inside(ENVIRONMENT)
+    lock = _inside(LOCK)
+    report_md = _inside(REPORT_MD)
+    report_csv = _inside(REPORT_CSV)
+    figure = _inside(FIGURE)
+    dynamics_figure = _inside(DYNAMICS_FIGURE)
+    verdict_figure = _inside(VERDICT_FIGURE)
+    verdict_looks = _inside(VERDICT_LOOKS, 'One JSON line per seed set the verdict judged here: a later superset of one is a later look.')
+    cells_table = _inside(CELLS_TABLE, 'One row per cell (results.load_results).')
+    curves_table = _inside(CURVES_TABLE, 'One row per epoch of every cell (results.load_results).')
+    tensorboard_dir = _inside(TENSORBOARD_DIR, 'One TensorBoard run per cell, in <cell id>/ (runtime.tensorboard).')
     def cell(self, cell_id: str) -> CellFolder:
         return CellFolder(self.cells_dir / cell_id)
 
