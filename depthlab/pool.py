@@ -205,89 +205,113 @@ def next_cell(pending: collections.deque, cells: list[Cell], net: tuple | None) 
 
 def run_pool(config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, jobs: int,
              display: RunEvents, lock_fd: int, target: Callable[..., None] = _worker) -> list[str]:
-    """Train `cells` in `jobs` worker processes (`target`), replacing each one that a cell leaves unfit."""
-    context = torch.multiprocessing.get_context("spawn")
-    pending = collections.deque(range(len(cells)))
+    """Train `cells` in `jobs` worker processes (`target`), replacing each one that a cell leaves unfit; the failed ids."""
+    return _Pool(config, cells, out_dir, device, display, lock_fd, target, jobs).run()
 
-    def start(rank: int) -> WorkerHandle:
-        conn, child_conn = context.Pipe()
-        process = context.Process(target=target, daemon=True, args=(rank, os.getpid(), SharedLock(lock_fd), config, cells,
-                                                                     out_dir, device, jobs, child_conn))
+
+class _Pool:
+    """The parent's side of the worker processes of one run_pool call."""
+
+    def __init__(self, config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, display: RunEvents,
+                 lock_fd: int, target: Callable[..., None], jobs: int):
+        self.context = torch.multiprocessing.get_context("spawn")
+        self.args = (config, cells, out_dir, device, jobs)
+        self.cells, self.display, self.lock_fd, self.target = cells, display, lock_fd, target
+        self.pending = collections.deque(range(len(cells)))
+        self.attempts = [0] * len(cells)
+        self.failed: list[str] = []
+        self.ended = 0
+        self.retired: list[Any] = []  # processes no longer sent anything, on their way out
+        self.workers = {rank: self.start(rank) for rank in range(jobs)}
+
+    def start(self, rank: int) -> WorkerHandle:
+        conn, child_conn = self.context.Pipe()
+        process = self.context.Process(target=self.target, daemon=True,
+                                       args=(rank, os.getpid(), SharedLock(self.lock_fd), *self.args, child_conn))
         process.start()
         child_conn.close()  # the worker's end lives in the worker only: its death reads as end of file here
         return WorkerHandle(process, conn)
 
-    workers = {rank: start(rank) for rank in range(jobs)}
-    retired: list[Any] = []  # processes no longer sent anything, on their way out
-    attempts = [0] * len(cells)
-    failed, ended = [], 0
+    def run(self) -> list[str]:
+        try:
+            while self.ended < len(self.cells):
+                # asking a retired worker for its exit code waits for it once it has ended: no zombie until the sweep ends
+                self.retired = [process for process in self.retired if process.exitcode is None]
+                self.hand_out()
+                self.receive()
+            for handle in self.workers.values():
+                with contextlib.suppress(BrokenPipeError):
+                    handle.conn.send(None)
+            for process in self.processes():
+                process.join(WORKER_EXIT_SECONDS)
+        finally:
+            for process in self.processes():
+                if process.is_alive():
+                    process.terminate()
+                process.join()
+        return self.failed
 
-    def settle(rank: int, index: int, outcome: CellOutcome) -> None:
-        nonlocal ended
-        workers[rank].cell = None
-        attempts[index] += 1
-        step = retry_policy(outcome, attempts[index])
+    def processes(self) -> list[Any]:
+        return [*(handle.process for handle in self.workers.values()), *self.retired]
+
+    def hand_out(self) -> None:
+        """Send each idle worker its next cell."""
+        for handle in self.workers.values():
+            if handle.cell is None and self.pending:
+                handle.cell = next_cell(self.pending, self.cells, handle.net)
+                handle.net = compile_key(self.cells[handle.cell])
+                with contextlib.suppress(BrokenPipeError):  # it just died: its end of file is read below
+                    handle.conn.send(handle.cell)
+        if not self.workers:
+            raise RuntimeError("all worker processes exited before the sweep finished (see the messages above)")
+
+    def receive(self) -> None:
+        """Wait for the workers' messages, and notice those that died."""
+        by_conn = {handle.conn: rank for rank, handle in self.workers.items()}
+        ready = connection.wait(list(by_conn), WORKER_POLL_SECONDS)
+        for conn, rank in by_conn.items():  # a dead worker whose pipe another process still holds open sends no end of file
+            if conn not in ready and not self.workers[rank].process.is_alive() and not conn.poll():
+                self.lost(rank)
+        for conn in ready:
+            rank = by_conn[conn]
+            try:
+                message = conn.recv()
+            except EOFError:
+                self.lost(rank)
+                continue
+            if message[0] == ENDED:
+                self.settle(rank, *message[1:])
+            else:
+                deliver(message, self.display)
+
+    def settle(self, rank: int, index: int, outcome: CellOutcome) -> None:
+        """An attempt at cells[index] ended on worker `rank`: retry it, record it, or stop the sweep (retry_policy)."""
+        self.workers[rank].cell = None
+        self.attempts[index] += 1
+        step = retry_policy(outcome, self.attempts[index])
         if step == "stop":
             raise StorageError(outcome.error)
         if outcome.fault == "worker":  # that process is gone or going: a fresh one takes its place
-            retired.append(workers[rank].process)
-            workers[rank].conn.close()
-            workers[rank] = start(rank)
+            self.retire(rank)
+            self.workers[rank] = self.start(rank)
         if step == "retry":
-            pending.append(index)
+            self.pending.append(index)
             return
-        ended += 1
+        self.ended += 1
         if outcome.error:
-            failed.append(cells[index].id)
-        display.cell_ended(cells[index].id, outcome.summary, outcome.error)
+            self.failed.append(self.cells[index].id)
+        self.display.cell_ended(self.cells[index].id, outcome.summary, outcome.error)
 
-    def lost(rank: int) -> None:
+    def lost(self, rank: int) -> None:
         """A worker's pipe closed without a word: the process died (a crash, the OOM killer)."""
-        handle = workers[rank]
+        handle = self.workers[rank]
         handle.process.join(WORKER_EXIT_SECONDS)
         if handle.cell is not None:
-            settle(rank, handle.cell, CellOutcome(None, f"its worker process died (exit code {handle.process.exitcode})", "worker"))
+            self.settle(rank, handle.cell, CellOutcome(None, f"its worker process died (exit code {handle.process.exitcode})", "worker"))
         else:  # died idle, e.g. while loading the data: a fresh one would likely die the same way
-            retired.append(handle.process)
-            handle.conn.close()
-            del workers[rank]
+            self.retire(rank)
+            del self.workers[rank]
 
-    try:
-        while ended < len(cells):
-            # asking a retired worker for its exit code waits for it once it has ended: no zombie until the sweep ends
-            retired = [process for process in retired if process.exitcode is None]
-            for handle in workers.values():
-                if handle.cell is None and pending:
-                    handle.cell = next_cell(pending, cells, handle.net)
-                    handle.net = compile_key(cells[handle.cell])
-                    with contextlib.suppress(BrokenPipeError):  # it just died: its end of file is read below
-                        handle.conn.send(handle.cell)
-            if not workers:
-                raise RuntimeError("all worker processes exited before the sweep finished (see the messages above)")
-            by_conn = {handle.conn: rank for rank, handle in workers.items()}
-            ready = connection.wait(list(by_conn), WORKER_POLL_SECONDS)
-            for conn, rank in by_conn.items():  # a dead worker whose pipe another process still holds open sends no end of file
-                if conn not in ready and not workers[rank].process.is_alive() and not conn.poll():
-                    lost(rank)
-            for conn in ready:
-                rank = by_conn[conn]
-                try:
-                    message = conn.recv()
-                except EOFError:
-                    lost(rank)
-                    continue
-                if message[0] == ENDED:
-                    settle(rank, *message[1:])
-                else:
-                    deliver(message, display)
-        for handle in workers.values():
-            with contextlib.suppress(BrokenPipeError):
-                handle.conn.send(None)
-        for process in [*(handle.process for handle in workers.values()), *retired]:
-            process.join(WORKER_EXIT_SECONDS)
-    finally:
-        for process in [*(handle.process for handle in workers.values()), *retired]:
-            if process.is_alive():
-                process.terminate()
-            process.join()
-    return failed
+    def retire(self, rank: int) -> None:
+        self.retired.append(self.workers[rank].process)
+        self.workers[rank].conn.close()
