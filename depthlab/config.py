@@ -226,10 +226,14 @@ class SweepConfig:
 
 
 NET_KEYS = ("family", "shortcut_scale", "init", "norm", "block")  # the ablation axes of options.NetSpec
-CELL_KEYS = ("arch", "depth", "seed", "shortcut") + NET_KEYS
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainSpec))
 TOP_KEYS = ("name", "description", "data", "model", "train", "runtime", "grid", "cells")
 MODEL_KEYS = ("shortcut",) + NET_KEYS
+# The type of every cell option (a key of `grid`, of a `cells` entry, or of `model`): the net's, then the recipe's.
+OPTION_TYPES: dict[str, Any] = {
+    "arch": Literal[ARCHS], "depth": int, "seed": int, "shortcut": Literal[SHORTCUTS], "family": Literal[FAMILIES],
+    "shortcut_scale": float, "init": Literal[INITS], "norm": Literal[NORMS], "block": Literal[BLOCK_ORDERS],
+    **typing.get_type_hints(TrainSpec)}
 SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size", "steps": "iterations",
             "iters": "iterations", "max_iters": "iterations", "archs": "arch", "depths": "depth", "seeds": "seed",
             "dataset": "data", "option": "shortcut", "dtype": "precision"}
@@ -251,23 +255,23 @@ SEED_LIMIT = 2**31  # the trainer seeds torch with seed * 1_000_003 + epoch, whi
 
 @dataclass(frozen=True)
 class Range:
-    """The values a number may take; an open end excludes its bound."""
+    """The values a number may take; an open end excludes its bound; `why` is said when a value is outside."""
 
     low: float
     high: float
     low_open: bool = False
     high_open: bool = False
+    why: str = ""
 
     def __contains__(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
+        return (self.low < value if self.low_open else self.low <= value) and (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low:,}, {self.high:,}{')' if self.high_open else ']'}"
 
 
-TRAIN_RANGES = {
+# The range of every number a sweep file sets, whatever its section (no key name repeats across sections).
+RANGES = {
     "iterations": Range(1, MAX_ITERATIONS),
     "epochs": Range(1, MAX_EPOCHS),
     "lr": Range(0, MAX_LR, low_open=True),
@@ -277,10 +281,13 @@ TRAIN_RANGES = {
     "batch_size": Range(1, MAX_BATCH_SIZE),
     "warmup_lr": Range(0, MAX_LR, low_open=True),
     "warmup_until_err": Range(0, 100),  # a training error in percent; 0 is never reached: the whole run warms up
+    "seed": Range(0, SEED_LIMIT, high_open=True, why=" (the trainer derives 64-bit RNG seeds from it)"),
+    "train_size": Range(1, MAX_IMAGES),
+    "test_size": Range(1, MAX_IMAGES),
+    "val_split": Range(0, MAX_IMAGES),
+    "eval_batch_size": Range(1, MAX_BATCH_SIZE),
+    "jobs": Range(1, MAX_CELLS),
 }
-DATA_RANGES = {"train_size": Range(1, MAX_IMAGES), "test_size": Range(1, MAX_IMAGES), "val_split": Range(0, MAX_IMAGES)}
-RUNTIME_RANGES = {"eval_batch_size": Range(1, MAX_BATCH_SIZE), "jobs": Range(1, MAX_CELLS)}
-SEED_RANGE = Range(0, SEED_LIMIT, high_open=True)
 
 
 def _slug(value: Any) -> str:
@@ -291,71 +298,63 @@ def _slug(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- validation
 
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
 
-def _describe(hint: Any) -> str:
+
+def _convert(value: Any, hint: Any) -> Any:
+    """`value` as a field of type `hint` holds it (an integer as a float where a number is meant, 64e3 as 64000 where
+    an integer is); else a ValueError saying what `hint` allows. YAML's true is not an integer here."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ValueError("one of " + ", ".join(map(repr, args)))
+    if origin is list:  # only list[int]: the milestones
+        if isinstance(value, list):
+            try:
+                return [_convert(item, args[0]) for item in value]
+            except ValueError:
+                pass
+        raise ValueError(f"a list of {_WORDS[args[0]].split()[-1]}s")
     if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+        allowed = []
+        for arg in args:
+            try:
+                return _convert(value, arg)
+            except ValueError as err:
+                allowed.append(str(err))
+        raise ValueError(" or ".join(allowed))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float and number:
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float: infinite, and refused as such
+            return math.inf if value > 0 else -math.inf
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if (number or hint is not int) and isinstance(value, hint):
+        return value
+    raise ValueError(_WORDS[hint])
 
 
-def _as_float(value: int | float) -> float:
-    """A number as a float; an integer too large for one becomes infinite (and is then refused as such)."""
+def _check(value: Any, hint: Any, source: str, prefix: str, key: str) -> Any:
+    """`value` of the key `prefix + key` converted to `hint` and inside the key's range, or a ConfigError naming it."""
     try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
+        value = _convert(value, hint)
+    except ValueError as err:
+        raise ConfigError(source, prefix + key, f"expected {err}, got {_show(value)}") from None
+    allowed = RANGES.get(key)
+    if allowed is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, prefix + key, f"must be a finite number, got {_show(value)}")
+    if value not in allowed:
+        raise ConfigError(source, prefix + key, f"must be in {allowed}{allowed.why}, got {_show(value)}")
+    return value
 
 
-def _matches(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Whether `value` fits the type `hint`, and the value converted (int → float, 64e3 → 64000)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is type(None):
-        return value is None, None
-    if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in args), value
-    if origin in (Union, types.UnionType):
-        for a in args:
-            ok, converted = _matches(value, a)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        converted = []
-        for item in value:
-            ok, c = _matches(item, args[0])
-            if not ok:
-                return False, value
-            converted.append(c)
-        return True, converted
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, _as_float(value) if ok else value
-    if hint is str:
-        return isinstance(value, str), value
-    raise TypeError(f"unsupported type {hint}")
-
-
-def _check(value: Any, hint: Any, source: str, key: str) -> Any:
-    ok, converted = _matches(value, hint)
-    if not ok:
-        raise ConfigError(source, key, f"expected {_describe(hint)}, got {_show(value)}")
-    return converted
-
-
-def _reject_unknown(section: dict[str, Any], allowed: tuple[str, ...], source: str, prefix: str) -> None:
+def _reject_unknown(section: dict[str, Any], allowed: typing.Iterable[str], source: str, prefix: str) -> None:
+    allowed = tuple(allowed)
     for key in section:
         if key not in allowed:
             close = [SYNONYMS[key]] if SYNONYMS.get(key) in allowed else difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
@@ -372,39 +371,14 @@ def _section(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], source: str, prefix: str) -> Any:
-    """A dataclass from a YAML mapping: unknown keys and wrong types are ConfigErrors."""
-    hints = typing.get_type_hints(cls)
-    names = tuple(f.name for f in dataclasses.fields(cls))
-    _reject_unknown(values, names, source, prefix)
-    return cls(**{k: _check(v, hints[k], source, prefix + k) for k, v in values.items()})
+def _checked(values: dict[str, Any], types: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    """A YAML mapping with every key known and every value of its type and in its range."""
+    _reject_unknown(values, types, source, prefix)
+    return {k: _check(v, types[k], source, prefix, k) for k, v in values.items()}
 
 
-def _check_ranges(spec: Any, ranges: dict[str, Range], source: str, where: str) -> None:
-    """Every set number of `spec` finite and inside its range."""
-    for key, allowed in ranges.items():
-        value = getattr(spec, key)
-        if value is None or value == "auto":
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(source, f"{where}.{key}", f"must be a finite number, got {_show(value)}")
-        if value not in allowed:
-            raise ConfigError(source, f"{where}.{key}", f"must be in {allowed}, got {_show(value)}")
-
-
-def _validate_train(spec: TrainSpec, source: str, where: str) -> None:
-    if (spec.iterations is None) == (spec.epochs is None):
-        raise ConfigError(source, where, "set exactly one of 'iterations' and 'epochs'")
-    _check_ranges(spec, TRAIN_RANGES, source, where)
-    length = spec.iterations if spec.iterations is not None else spec.epochs
-    points = spec.decay_points()
-    unit = "iterations" if spec.iterations is not None else "epochs"
-    if any(b <= a for a, b in zip(points, points[1:])) or any(not 0 < p < length for p in points):
-        raise ConfigError(source, f"{where}.milestones", f"must increase strictly and lie inside the run (0 < m < {length} {unit}); got {points}")
-
-
-def _validate_data(spec: DataSpec, source: str) -> None:
-    _check_ranges(spec, DATA_RANGES, source, "data")
+def _data_spec(values: dict[str, Any], source: str) -> DataSpec:
+    spec = DataSpec(**_checked(values, typing.get_type_hints(DataSpec), source, "data."))
     if spec.source == "folder" and not spec.path:
         raise ConfigError(source, "data.path", "source 'folder' needs a path to a train/<class>/, test/<class>/ folder or a .tar.gz of one")
     if spec.path is not None and not spec.path.isprintable():
@@ -413,56 +387,51 @@ def _validate_data(spec: DataSpec, source: str) -> None:
     if left is not None and left < 1:
         raise ConfigError(source, "data.val_split", f"leaves no training images: at most {spec.val_split + left - 1:,} of "
                                                     f"{spec.val_split + left:,} can be held out, got {spec.val_split:,}")
+    return spec
 
 
-def _is_device(name: str) -> bool:
-    index = re.fullmatch(r"cuda:([0-9]{1,3})", name)
-    return name in ("auto", "cpu", "cuda") or (index is not None and int(index.group(1)) <= MAX_CUDA_INDEX)
-
-
-def _validate_runtime(spec: RuntimeSpec, source: str) -> None:
-    _check_ranges(spec, RUNTIME_RANGES, source, "runtime")
-    if not _is_device(spec.device):
+def _runtime_spec(values: dict[str, Any], source: str) -> RuntimeSpec:
+    spec = RuntimeSpec(**_checked(values, typing.get_type_hints(RuntimeSpec), source, "runtime."))
+    index = re.fullmatch(r"cuda:([0-9]{1,3})", spec.device)
+    if spec.device not in ("auto", "cpu", "cuda") and not (index and int(index.group(1)) <= MAX_CUDA_INDEX):
         raise ConfigError(source, "runtime.device", f"expected auto, cpu, cuda or cuda:N (N up to {MAX_CUDA_INDEX}), got {_show(spec.device)}")
+    return spec
+
+
+def _train_spec(base: dict[str, Any], options: dict[str, Any], source: str, where: str) -> TrainSpec:
+    """The recipe `base` with the checked train `options` set: naming only one of iterations and epochs means that one."""
+    other = {"epochs": "iterations", "iterations": "epochs"}
+    spec = TrainSpec(**{**base, **{other[k]: None for k in other if k in options and other[k] not in options}, **options})
+    if (spec.iterations is None) == (spec.epochs is None):
+        raise ConfigError(source, where, "set exactly one of 'iterations' and 'epochs'")
+    length, unit = (spec.iterations, "iterations") if spec.iterations is not None else (spec.epochs, "epochs")
+    points = spec.decay_points()
+    if any(b <= a for a, b in zip(points, points[1:])) or any(not 0 < p < length for p in points):
+        raise ConfigError(source, f"{where}.milestones", f"must increase strictly and lie inside the run (0 < m < {length} {unit}); got {points}")
+    return spec
 
 
 # ----------------------------------------------------------------------------- the grid
 
 
-def _option_hint(key: str) -> Any:
-    if key in TRAIN_KEYS:
-        return typing.get_type_hints(TrainSpec)[key]
-    return {"arch": Literal[ARCHS], "depth": int, "seed": int, "shortcut": Literal[SHORTCUTS], "family": Literal[FAMILIES],
-            "shortcut_scale": float, "init": Literal[INITS], "norm": Literal[NORMS], "block": Literal[BLOCK_ORDERS]}[key]
-
-
-def _choices(key: str, value: Any) -> list[Any]:
-    """The values a grid entry takes: a list is a choice, except for list-typed options."""
-    if typing.get_origin(_option_hint(key)) is list or key == "milestones":
-        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-            return value
-        return [value]
-    return value if isinstance(value, list) else [value]
-
-
 def expand_grid(options: dict[str, Any], source: str, where: str, limit: int = MAX_CELLS) -> list[dict[str, Any]]:
-    """Every combination of the listed option values, as flat option dicts (in file order).
+    """Every combination of the listed option values, each checked, as flat option dicts (in file order).
 
+    A list is a choice, except for the milestones, which are one list (a list of lists is a choice of them).
     More than `limit` combinations is refused before any is built: a few long lists multiply fast.
     """
-    allowed = CELL_KEYS + TRAIN_KEYS
-    _reject_unknown(options, allowed, source, f"{where}.")
-    keys = list(options)
+    _reject_unknown(options, OPTION_TYPES, source, f"{where}.")
     values = []
-    for key in keys:
-        choices = _choices(key, options[key])
+    for key, value in options.items():
+        listed = isinstance(value, list) and (key != "milestones" or (value and all(isinstance(v, list) for v in value)))
+        choices = value if listed else [value]
         if not choices:
             raise ConfigError(source, f"{where}.{key}", "is an empty list: nothing to run")
-        values.append([_check(v, _option_hint(key), source, f"{where}.{key}") for v in choices])
+        values.append([_check(v, OPTION_TYPES[key], source, f"{where}.", key) for v in choices])
     count = math.prod(map(len, values))
     if count > limit:
         raise ConfigError(source, where, f"makes {count:,} cells, which brings the sweep past {MAX_CELLS:,} cells (a sanity bound)")
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    return [dict(zip(options, combo)) for combo in itertools.product(*values)]
 
 
 def _make_cell(options: dict[str, Any], base: dict[str, Any], model: dict[str, Any], data: DataSpec, source: str, where: str) -> Cell:
@@ -472,26 +441,13 @@ def _make_cell(options: dict[str, Any], base: dict[str, Any], model: dict[str, A
     problem = depth_error(options["depth"])
     if problem:
         raise ConfigError(source, f"{where}.depth", problem)
-    seed = options.get("seed", 0)
-    if seed not in SEED_RANGE:
-        raise ConfigError(source, f"{where}.seed", f"must be in {SEED_RANGE} (the trainer derives 64-bit RNG seeds from it), got {_show(seed)}")
-    train = dict(base)
-    overrides = {k: v for k, v in options.items() if k in TRAIN_KEYS}
-    if "epochs" in overrides and "iterations" not in overrides:
-        train["iterations"] = None  # a cell that says 'epochs' means epochs
-    if "iterations" in overrides and "epochs" not in overrides:
-        train["epochs"] = None
-    train.update(overrides)
-    spec = TrainSpec(**train)
-    _validate_train(spec, source, where)
-    arch = options["arch"]
-    chosen = {**model, **{k: v for k, v in options.items() if k in MODEL_KEYS}}
-    net = NetSpec(arch, options["depth"], **chosen)
+    spec = _train_spec(base, {k: v for k, v in options.items() if k in TRAIN_KEYS}, source, where)
+    net = NetSpec(options["arch"], options["depth"], **{**model, **{k: v for k, v in options.items() if k in MODEL_KEYS}})
     problem = net_spec_error(net)
     if problem:
         raise ConfigError(source, where, problem)
     net = net.canonical()
-    return Cell(arch=arch, depth=options["depth"], seed=seed, shortcut=net.shortcut, train=spec, data=data,
+    return Cell(arch=net.arch, depth=net.depth, seed=options.get("seed", 0), shortcut=net.shortcut, train=spec, data=data,
                 net_options=tuple((k, v) for k, v in net.non_default() if k != "shortcut"))
 
 
@@ -531,13 +487,6 @@ def _name_error(name: Any) -> Optional[str]:
     return None
 
 
-def _check_cell_ids(cells: list[Cell], source: str) -> None:
-    for cell in cells:
-        if len(cell.id.encode()) > MAX_CELL_ID_LENGTH:
-            raise ConfigError(source, "grid", f"cell id {_show(cell.id)} is {len(cell.id.encode())} bytes; at most {MAX_CELL_ID_LENGTH} "
-                                              "fit in a file name (each train option that differs between cells is part of the id)")
-
-
 def check_fits_data(config: SweepConfig, n_train: int) -> None:
     """Refuse cells whose batch is larger than the `n_train` training images (after data.val_split).
 
@@ -571,34 +520,25 @@ def parse_config(raw: Any, source: str = "<config>") -> SweepConfig:
     if not isinstance(raw, dict):
         raise ConfigError(source, "", f"expected a mapping with keys {', '.join(TOP_KEYS)}; got {type(raw).__name__}")
     _reject_unknown(raw, TOP_KEYS, source, "")
-    name = raw.get("name")
+    name, description = raw.get("name"), raw.get("description")
     problem = _name_error(name)
     if problem:
         raise ConfigError(source, "name", f"{problem}, got {_show(name)}")
-    if not isinstance(raw.get("description", ""), str):
-        raise ConfigError(source, "description", f"expected a string, got {_show(raw['description'])}")
-    data = _build(DataSpec, _section(raw, "data", source), source, "data.")
-    _validate_data(data, source)
-    runtime = _build(RuntimeSpec, _section(raw, "runtime", source), source, "runtime.")
-    _validate_runtime(runtime, source)
-    model = _section(raw, "model", source)
-    _reject_unknown(model, MODEL_KEYS, source, "model.")
-    model = {k: _check(v, _option_hint(k), source, f"model.{k}") for k, v in model.items()}
-
-    train_raw = _section(raw, "train", source)
-    base = dataclasses.asdict(_build(TrainSpec, train_raw, source, "train."))
-    if "epochs" in train_raw and "iterations" not in train_raw:
-        base["iterations"] = None
-    _validate_train(TrainSpec(**base), source, "train")
-
+    if not isinstance(description, (str, type(None))):
+        raise ConfigError(source, "description", f"expected a string, got {_show(description)}")
+    data = _data_spec(_section(raw, "data", source), source)
+    runtime = _runtime_spec(_section(raw, "runtime", source), source)
+    model = _checked(_section(raw, "model", source), {k: OPTION_TYPES[k] for k in MODEL_KEYS}, source, "model.")
+    train = _checked(_section(raw, "train", source), typing.get_type_hints(TrainSpec), source, "train.")
+    base = dataclasses.asdict(_train_spec(dataclasses.asdict(TrainSpec()), train, source, "train"))
     cells = _name_variants([_make_cell(options, base, model, data, source, where) for options, where in _combos(raw, source)])
-    _check_cell_ids(cells, source)
-    description = raw.get("description")
-    config = SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source,
-                         description=description if isinstance(description, str) else None)
-    n_train = data.known_train_images()
-    if n_train is not None:
-        check_fits_data(config, n_train)
+    for cell in cells:
+        if len(cell.id.encode()) > MAX_CELL_ID_LENGTH:
+            raise ConfigError(source, "grid", f"cell id {_show(cell.id)} is {len(cell.id.encode())} bytes; at most {MAX_CELL_ID_LENGTH} "
+                                              "fit in a file name (each train option that differs between cells is part of the id)")
+    config = SweepConfig(name=name, data=data, runtime=runtime, cells=cells, source=source, description=description)
+    if data.known_train_images() is not None:
+        check_fits_data(config, data.known_train_images())
     return config
 
 
@@ -615,11 +555,7 @@ YAML12_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 
 
 class DuplicateKeyError(yaml.YAMLError):
-    """A mapping that sets one key twice: YAML would keep the last silently."""
-
-    def __init__(self, key: Any, first_line: int, line: int):
-        super().__init__(f"duplicate key {key!r}")
-        self.key, self.first_line, self.line = key, first_line, line
+    """A mapping that sets one key twice (YAML would keep the last silently); its args: the key, its lines."""
 
 
 class SweepLoader(yaml.SafeLoader):
@@ -650,26 +586,13 @@ class SweepLoader(yaml.SafeLoader):
 SweepLoader.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+.0123456789"))
 
 
-def _read_text(path: Path, source: str) -> str:
-    """The file's text; a binary or non-UTF-8 file is a ConfigError rather than a decoding traceback."""
-    not_text = "not a UTF-8 text file: a sweep file is YAML text"
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise ConfigError(source, "", f"cannot read it: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(source, "", not_text) from None
-    if "\0" in text:
-        raise ConfigError(source, "", not_text)
-    return text
-
-
 def load_yaml(text: str, source: str) -> Any:
     """The YAML document in `text`; every way it can be unreadable is a ConfigError."""
     try:
         return yaml.load(text, Loader=SweepLoader)
     except DuplicateKeyError as err:
-        raise ConfigError(source, str(err.key), f"duplicate key on line {err.line} (first set on line {err.first_line}): keep one") from None
+        key, first_line, line = err.args
+        raise ConfigError(source, str(key), f"duplicate key on line {line} (first set on line {first_line}): keep one") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -688,7 +611,16 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Sweep
     source = str(path)
     if not path.is_file():
         raise ConfigError(source, "", "no such file")
-    raw = load_yaml(_read_text(path, source), source)
+    not_text = "not a UTF-8 text file: a sweep file is YAML text"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(source, "", f"cannot read it: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", not_text) from None
+    if "\0" in text:  # valid UTF-8 can still be binary
+        raise ConfigError(source, "", not_text)
+    raw = load_yaml(text, source)
     if raw is None:
         raise ConfigError(source, "", f"is empty: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
     if not overrides:
@@ -741,19 +673,13 @@ def apply_overrides(raw: Any, overrides: list[tuple[str, Any]], source: str) -> 
 def with_overrides(config: SweepConfig, data_path: str | None = None, device: str | None = None,
                    jobs: int | None = None, tensorboard: bool = False) -> SweepConfig:
     """The config with command-line choices applied, validated as the file is; none of them changes what a cell means."""
-    data, runtime = config.data, config.runtime
+    data = config.data
     if data_path is not None:
         if data.source == "synthetic":
             raise ConfigError(config.source, "data.source", "is 'synthetic': --data does not apply (set data.source to cifar10 or folder)")
-        data = dataclasses.replace(data, path=data_path)
-        _validate_data(data, "--data")
-    if device is not None:
-        runtime = dataclasses.replace(runtime, device=device)
-    if jobs is not None:
-        runtime = dataclasses.replace(runtime, jobs=jobs)
-    if tensorboard:
-        runtime = dataclasses.replace(runtime, tensorboard=True)
-    _validate_runtime(runtime, "command line")
+        data = _data_spec({**dataclasses.asdict(data), "path": data_path}, "--data")
+    chosen = {"device": device, "jobs": jobs, "tensorboard": tensorboard or None}
+    runtime = _runtime_spec({**dataclasses.asdict(config.runtime), **{k: v for k, v in chosen.items() if v is not None}}, "command line")
     cells = [dataclasses.replace(cell, data=data) for cell in config.cells]
     return dataclasses.replace(config, data=data, runtime=runtime, cells=cells)
 

@@ -12,11 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from depthlab.config import (
-    DATA_RANGES,
     MAX_CELLS,
     MAX_NAME_LENGTH,
-    SEED_RANGE,
-    TRAIN_RANGES,
+    RANGES,
+    TRAIN_KEYS,
     ConfigError,
     SweepConfig,
     check_fits_data,
@@ -185,7 +184,7 @@ def test_the_deepest_net_of_the_paper_is_allowed_and_so_is_max_depth() -> None:
 def test_the_bounds_themselves_are_allowed() -> None:
     train = {"epochs": 2, "milestones": [1], "batch_size": 256, "momentum": 0.0, "lr_decay": 1.0, "weight_decay": 0.0,
              "warmup_lr": 1e-3, "warmup_until_err": 100.0}
-    config = parse_config(tiny_sweep(train=train, grid={"arch": "plain", "depth": 8, "seed": [0, SEED_RANGE.high - 1]}))
+    config = parse_config(tiny_sweep(train=train, grid={"arch": "plain", "depth": 8, "seed": [0, RANGES["seed"].high - 1]}))
     assert {c.seed for c in config.cells} == {0, 2**31 - 1} and config.cells[0].train.batch_size == 256
 
 
@@ -246,18 +245,18 @@ def _number(key: str, allowed: Any, integer: bool) -> st.SearchStrategy:
 def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     """A sweep that parse_config must accept, drawn from the schema's types and ranges."""
     integer_keys = {"iterations", "epochs", "batch_size"}
-    train = {k: draw(_number(k, r, k in integer_keys)) for k, r in TRAIN_RANGES.items() if k not in ("iterations", "epochs")
+    train = {k: draw(_number(k, r, k in integer_keys)) for k, r in RANGES.items() if k in TRAIN_KEYS and k not in ("iterations", "epochs")
              and draw(st.booleans())}
     length_key = draw(st.sampled_from(["iterations", "epochs"]))
-    train[length_key] = draw(_number(length_key, TRAIN_RANGES[length_key], True))
+    train[length_key] = draw(_number(length_key, RANGES[length_key], True))
     batch = train.get("batch_size", 128)
     val_split = draw(st.integers(0, 100))
     data = {"source": "synthetic", "train_size": draw(st.integers(batch + val_split, batch + val_split + 1000)), "val_split": val_split}
     if draw(st.booleans()):
-        data["test_size"] = draw(_number("test_size", DATA_RANGES["test_size"], True))
+        data["test_size"] = draw(_number("test_size", RANGES["test_size"], True))
     grid = {"arch": draw(st.lists(st.sampled_from(ARCHS), min_size=1, max_size=2, unique=True)),
             "depth": draw(st.lists(st.sampled_from(valid_depths(20)), min_size=1, max_size=3, unique=True)),
-            "seed": draw(st.lists(st.integers(0, SEED_RANGE.high - 1), min_size=1, max_size=2, unique=True)),
+            "seed": draw(st.lists(st.integers(0, RANGES["seed"].high - 1), min_size=1, max_size=2, unique=True)),
             "shortcut": draw(st.sampled_from(SHORTCUTS))}
     # A leading letter: YAML 1.1's dumper would write a name like "1e5" unquoted, and YAML 1.2 reads that back as a number.
     name = draw(st.from_regex(r"\A[a-zA-Z][a-zA-Z0-9_-]{0,%d}\Z" % (MAX_NAME_LENGTH - 1)))
