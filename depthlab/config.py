@@ -123,7 +123,10 @@ class RunLength:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """How cells are run. Nothing here changes what a finished cell means."""
+    """How cells are run. Nothing here changes what a finished cell means.
+
+    A new key is one field here (its annotation is what the file is checked against) and, for a number, its RANGES line.
+    """
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     jobs: Union[int, Literal["auto"]] = "auto"  # cells trained at once
@@ -238,19 +241,13 @@ SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "ba
             "iters": "iterations", "max_iters": "iterations", "archs": "arch", "depths": "depth", "seeds": "seed",
             "dataset": "data", "option": "shortcut", "dtype": "precision"}
 
-# Ceilings. All are sanity bounds, not facts: far past anything the paper's recipe needs, well
-# short of what would never finish or never fit.
-MAX_LR = 10.0  # the paper trains at 0.1; SGD on these nets diverges long before 10
-MAX_WEIGHT_DECAY = 0.1  # the paper uses 1e-4; at 0.1 the decay swamps every gradient
-MAX_ITERATIONS = 10_000_000  # 156x the paper's 64k iterations
-MAX_EPOCHS = 100_000  # 600x the paper's ~164 epochs
-MAX_IMAGES = 1_000_000  # 20x CIFAR-10's training set; 3 GB as uint8 on the device
-MAX_BATCH_SIZE = 65_536  # more than CIFAR-10's whole training set in one batch
-MAX_CELLS = 10_000  # the paper's Figure 6 is 9 nets; 10,000 cells would take months on one GPU
+MAX_LR = 10.0  # a sanity bound: the paper trains at 0.1; SGD on these nets diverges long before 10
+MAX_IMAGES = 1_000_000  # a sanity bound: 20x CIFAR-10's training set; 3 GB as uint8 on the device
+MAX_BATCH_SIZE = 65_536  # a sanity bound: more than CIFAR-10's whole training set in one batch
+MAX_CELLS = 10_000  # a sanity bound: the paper's Figure 6 is 9 nets; 10,000 cells would take months on one GPU
 MAX_NAME_LENGTH = 100  # bytes of the results folder's name
 MAX_CELL_ID_LENGTH = 200  # cells/<id>/ and superseded/<id>-<stamp>/ stay under the usual 255-byte file-name limit
 MAX_CUDA_INDEX = 127  # a fact: torch keeps a device index in 8 signed bits (torch 2.x here: "cuda:99999" became cuda:-97)
-SEED_LIMIT = 2**31  # the trainer seeds torch with seed * 1_000_003 + epoch, which must fit in 64 bits
 
 
 @dataclass(frozen=True)
@@ -270,18 +267,20 @@ class Range:
         return f"{'(' if self.low_open else '['}{self.low:,}, {self.high:,}{')' if self.high_open else ']'}"
 
 
-# The range of every number a sweep file sets, whatever its section (no key name repeats across sections).
+# The range of every number a sweep file sets, whatever its section (no key name repeats across sections). The upper
+# ends are sanity bounds, not facts: far past anything the paper's recipe needs, well short of what would never finish.
 RANGES = {
-    "iterations": Range(1, MAX_ITERATIONS),
-    "epochs": Range(1, MAX_EPOCHS),
+    "iterations": Range(1, 10_000_000),  # 156x the paper's 64k iterations
+    "epochs": Range(1, 100_000),  # 600x the paper's ~164 epochs
     "lr": Range(0, MAX_LR, low_open=True),
     "lr_decay": Range(0, 1, low_open=True),
     "momentum": Range(0, 1, high_open=True),
-    "weight_decay": Range(0, MAX_WEIGHT_DECAY),
+    "weight_decay": Range(0, 0.1),  # the paper uses 1e-4; at 0.1 the decay swamps every gradient
     "batch_size": Range(1, MAX_BATCH_SIZE),
     "warmup_lr": Range(0, MAX_LR, low_open=True),
     "warmup_until_err": Range(0, 100),  # a training error in percent; 0 is never reached: the whole run warms up
-    "seed": Range(0, SEED_LIMIT, high_open=True, why=" (the trainer derives 64-bit RNG seeds from it)"),
+    # a fact, not a sanity bound: the trainer seeds torch with seed * 1_000_003 + epoch, which must fit in 64 bits
+    "seed": Range(0, 2**31, high_open=True, why=" (the trainer derives 64-bit RNG seeds from it)"),
     "train_size": Range(1, MAX_IMAGES),
     "test_size": Range(1, MAX_IMAGES),
     "val_split": Range(0, MAX_IMAGES),
@@ -344,7 +343,7 @@ def _check(value: Any, hint: Any, source: str, prefix: str, key: str) -> Any:
     except ValueError as err:
         raise ConfigError(source, prefix + key, f"expected {err}, got {_show(value)}") from None
     allowed = RANGES.get(key)
-    if allowed is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+    if allowed is None or not isinstance(value, (int, float)):  # None, "auto" (a bool never passes a numeric type)
         return value
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(source, prefix + key, f"must be a finite number, got {_show(value)}")
