@@ -132,6 +132,9 @@ class RuntimeSpec:
     eval_batch_size: int = 1000
     deterministic: bool = False  # GPU: deterministic kernels, no cuDNN autotuning (slower), for bit-identical resumes
     tensorboard: bool = False  # also log every epoch to <results>/tensorboard/<cell>/ (needs the tensorboard extra)
+    # at most this many cells that differ only in seed train as one grouped model in one worker (1: each alone);
+    # auto: the device's measured default (group_training.resolve_group_seeds)
+    group_seeds: Union[int, Literal["auto"]] = "auto"
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,7 @@ MAX_BATCH_SIZE = 65_536  # more than CIFAR-10's whole training set in one batch
 MAX_CELLS = 10_000  # the paper's Figure 6 is 9 nets; 10,000 cells would take months on one GPU
 MAX_NAME_LENGTH = 100  # bytes of the results folder's name
 MAX_CELL_ID_LENGTH = 200  # cells/<id>/ and superseded/<id>-<stamp>/ stay under the usual 255-byte file-name limit
+MAX_GROUP_SEEDS = 64  # a sanity bound, not measured: 64 nets side by side is 64x a net's memory in one worker
 MAX_CUDA_INDEX = 127  # a fact: torch keeps a device index in 8 signed bits (torch 2.x here: "cuda:99999" became cuda:-97)
 SEED_LIMIT = 2**31  # the trainer seeds torch with seed * 1_000_003 + epoch, which must fit in 64 bits
 
@@ -279,7 +283,7 @@ TRAIN_RANGES = {
     "warmup_until_err": Range(0, 100),  # a training error in percent; 0 is never reached: the whole run warms up
 }
 DATA_RANGES = {"train_size": Range(1, MAX_IMAGES), "test_size": Range(1, MAX_IMAGES), "val_split": Range(0, MAX_IMAGES)}
-RUNTIME_RANGES = {"eval_batch_size": Range(1, MAX_BATCH_SIZE), "jobs": Range(1, MAX_CELLS)}
+RUNTIME_RANGES = {"eval_batch_size": Range(1, MAX_BATCH_SIZE), "jobs": Range(1, MAX_CELLS), "group_seeds": Range(1, MAX_GROUP_SEEDS)}
 SEED_RANGE = Range(0, SEED_LIMIT, high_open=True)
 
 

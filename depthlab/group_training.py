@@ -227,3 +227,15 @@ def _train_together(nets: list[_Net], images: Images, device: torch.device, runt
             ended[net.cell.id] = end_cell(net.folder, net.cell, net.state, (losses[i], errors[i]), device, runtime,
                                           _as_own(net, setup), group_size=len(nets))
     return ended
+
+
+# Evidence for the defaults: see docs/performance.md, "Seeds as a batch dimension" ([GROUP-BENCH] numbers pending).
+CPU_GROUP_SEEDS = 1  # off until `depthlab bench --group` shows grouping faster on a CPU; the table will say
+GPU_GROUP_SEEDS = 8  # a guess, not measured: a CIFAR net at batch 128 leaves most of a GPU idle
+
+
+def resolve_group_seeds(value: int | str, device: torch.device) -> int:
+    """runtime.group_seeds as a number: `auto` is the device's default (1 trains each cell alone)."""
+    if value == "auto":
+        return GPU_GROUP_SEEDS if device.type == "cuda" else CPU_GROUP_SEEDS
+    return int(value)
