@@ -140,7 +140,7 @@ def _ungroup(setup: TrainingSetup, nets: list[_Net]) -> None:
         net.own.optimizer.load_state_dict(momentum)
 
 
-def _stacked_batches(images: Images, normalize: Normalizer, generators: list[torch.Generator], batch_size: int,
+def stacked_batches(images: Images, normalize: Normalizer, generators: list[torch.Generator], batch_size: int,
                      device: torch.device, memory_format: torch.memory_format) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Each net's own batch (its shuffle and augmentation, as in its solo run) stacked along the channels; labels (batch, K)."""
     orders = [epoch_batches(len(images.train_y), batch_size, generator, device) for generator in generators]
@@ -185,7 +185,7 @@ def _train_together(nets: list[_Net], images: Images, device: torch.device, runt
         record_before = setup.step.record()
         setup.model.train()
         generators = [epoch_generator(net.cell.seed, clock.epoch, device) for net in nets]
-        batches = _stacked_batches(images, normalize, generators, cell.train.batch_size, device, setup.memory_format)
+        batches = stacked_batches(images, normalize, generators, cell.train.batch_size, device, setup.memory_format)
         losses, errors, lr = train_epoch(setup.step, batches, schedule, clock, device, progress, members=k)
         elapsed = time.perf_counter() - started
         compiling, failed = setup.step.compile_seconds - compiled_before, setup.step.failed_compile_seconds - failed_before
