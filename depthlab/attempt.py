@@ -1,6 +1,7 @@
-"""One attempt at a cell, and what the sweep does with how it ended: the retry policy.
+"""One attempt at a cell or at a group of cells, and what the sweep does with how it ended: the retry policy.
 
-`run_cell` is the whole unit of work of a sweep (a local worker process or a Ray task calls only it); its
+`run_cell` is the whole unit of work of a sweep (a local worker process or a Ray task calls it); `run_group` is
+the same for cells that differ only in seed, trained as one grouped model in one local worker. Each cell's
 `CellOutcome` says whom an error condemns: the cell (recorded as failed), the worker process (a dead CUDA
 context: the cell is retried on a fresh one) or the whole sweep (the disk: it stops, and running it again continues).
 """
@@ -21,7 +22,8 @@ from .config import Cell, SweepConfig
 from .data import Images
 from .errors import StorageError
 from .events import CellEvents
-from .results_folder import ResultsFolder
+from .group_training import train_group
+from .results_folder import CellFolder, ResultsFolder
 from .train import train_cell
 
 Fault = Literal["cell", "worker", "storage"]
@@ -72,25 +74,42 @@ class CellOutcome:
 def run_cell(cell: Cell, images: Images, device: torch.device, config: SweepConfig, out_dir: Path, events: CellEvents) -> CellOutcome:
     """Train one cell, from wherever it stopped; an error is returned, not raised, so that the other cells still run.
 
-    The whole unit of work of a sweep: a worker process here, or a remote one, calls only this.
+    The whole unit of work of a sweep: a worker process here, or a remote one, calls only this or `run_group`.
     """
-    folder = ResultsFolder(out_dir).cell(cell.id)
+    return run_group([cell], images, device, config, out_dir, events)[0]
+
+
+def run_group(cells: list[Cell], images: Images, device: torch.device, config: SweepConfig, out_dir: Path,
+              events: CellEvents) -> list[CellOutcome]:
+    """`run_cell` for cells that differ only in seed, trained as one grouped model (one cell: `train_cell`); an outcome
+    per cell, in their order. An error ends the group's cells alike; each gets it in its own error.txt."""
+    folders = [ResultsFolder(out_dir).cell(cell.id) for cell in cells]
     try:
-        files.remove_temp_files(folder.path)  # the sweep's lock makes this the only writer of the folder
-        return CellOutcome(train_cell(cell, images, device, config.runtime, folder.path, events))
+        for folder in folders:
+            files.remove_temp_files(folder.path)  # the sweep's lock makes this the only writer of the folder
+        if len(cells) == 1:
+            summaries = [train_cell(cells[0], images, device, config.runtime, folders[0].path, events)]
+        else:
+            summaries = train_group(cells, images, device, config.runtime, [folder.path for folder in folders], events)
     except KeyboardInterrupt:
         raise
     except Exception as err:  # recorded per cell so that the other cells still run
-        fault = classify_error(err)
-        if fault == "storage":  # writing error.txt would fail the same way
-            return CellOutcome(None, storage_message(err, folder.path), fault)
-        try:
-            files.write_text(folder.error_log, traceback.format_exc())
-        except OSError as log_err:
-            if classify_error(log_err) != "storage":
-                raise
-            return CellOutcome(None, storage_message(log_err, folder.path), "storage")
-        return CellOutcome(None, f"{type(err).__name__}: {err}", fault)
+        return [_failure(err, folder) for folder in folders]
+    return [CellOutcome(summary) for summary in summaries]
+
+
+def _failure(err: Exception, folder: CellFolder) -> CellOutcome:
+    """The outcome of a cell whose training raised `err` (called while it is handled): its traceback in error.txt."""
+    fault = classify_error(err)
+    if fault == "storage":  # writing error.txt would fail the same way
+        return CellOutcome(None, storage_message(err, folder.path), fault)
+    try:
+        files.write_text(folder.error_log, traceback.format_exc())
+    except OSError as log_err:
+        if classify_error(log_err) != "storage":
+            raise
+        return CellOutcome(None, storage_message(log_err, folder.path), "storage")
+    return CellOutcome(None, f"{type(err).__name__}: {err}", fault)
 
 
 def retry_policy(outcome: CellOutcome, attempts: int) -> Literal["record", "retry", "stop"]:

@@ -27,6 +27,7 @@ from .data import Images, Normalizer, epoch_batches, synthetic_images, training_
 from .models import build_net
 from .options import NetSpec
 from .fastpath import resolve_channels_last, resolve_precision
+from .group_training import stacked_batches  # the group's own batches: each net's shuffle and augmentation
 from .train import (CompileRecord, configure_device, device_name, epoch_generator, build_training_setup, one_line, prepare_worker_process,
                     resolve_compile, resolve_device, synchronize)
 
@@ -272,6 +273,52 @@ def run_bench(options: BenchOptions) -> dict:
             if key in result:
                 result[f"{key}_speedup"] = result[key] / result["common_way"]
     return result
+
+
+def _grouped_span(cells: list[Cell], steps: int, warmup: int, device: torch.device, runtime: RuntimeSpec, images: Images) -> Span:
+    """`steps` timed steps of `cells` (seeds of one net) as one grouped model, each net on its own seed's batches."""
+    setup = build_training_setup(cells[0], device, runtime, members=len(cells))
+    normalize = Normalizer(images.train_x, cells[0].data.normalize)
+    done, started, epoch = 0, 0.0, 0
+    while done < warmup + steps:
+        generators = [epoch_generator(cell.seed, epoch, device) for cell in cells]
+        for x, y in stacked_batches(images, normalize, generators, cells[0].train.batch_size, device, setup.memory_format):
+            if done == warmup:
+                synchronize(device)
+                started = time.time()
+            setup.step(x, y)
+            done += 1
+            if done == warmup + steps:
+                break
+        epoch += 1
+    synchronize(device)
+    return Span(started, time.time(), step_execution(setup.step))
+
+
+def group_bench(options: BenchOptions, sizes: list[int]) -> dict[str, Any]:
+    """Images/s of one cell; of K cells as K processes; of K cells (seeds 0…K-1) as one grouped model, for each K in `sizes`.
+
+    Per net and in aggregate, on the same net, batch size and device, one after another in this run.
+    """
+    cell, runtime = options.cell(), options.runtime()
+    device = resolve_device(options.device)
+    configure_device(device, runtime.deterministic)
+    images = bench_images().to(device)
+    timing = dict(steps=options.steps, warmup=options.warmup, runtime=runtime)
+    one = measure_depthlab(cell, device=device, images=images, **timing)[0]
+    rows = []
+    for k in sizes:
+        processes, _ = concurrent_rate(cell, k, device, **timing) if k > 1 else (one, [])
+        seeds = [dataclasses.replace(cell, seed=seed) for seed in range(k)]
+        span = _grouped_span(seeds, device=device, images=images, **timing)
+        grouped = k * options.steps * options.batch_size / (span.end - span.start)
+        rows.append({"k": k, "processes": processes, "processes_per_net": processes / k, "grouped": grouped,
+                     "grouped_per_net": grouped / k, "grouped_over_processes": grouped / processes, "grouped_over_one_cell": grouped / one,
+                     "grouped_execution": span.execution})
+    return {"model": f"{options.arch}-{options.depth}", "batch_size": options.batch_size, "precision": options.precision,
+            "steps": options.steps, "warmup": options.warmup, "device": str(device), "device_name": device_name(device),
+            "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "compile": resolve_compile(runtime.compile, device),
+            "one_cell": one, "groups": rows}
 
 
 PATHS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # (precision, channels_last)

@@ -291,9 +291,10 @@ def bench(
     baseline: bool = typer.Option(True, help="Measure the common-way baseline too."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON."),
     compare: bool = typer.Option(False, "--compare", help="Instead: time fp32 and bf16, NCHW and channels_last, and show what auto picks here."),
+    group: list[int] = typer.Option([], "--group", min=1, help="Instead: one cell, K cells as K processes and K seeds as one grouped model, for each K given (repeatable)."),
 ) -> None:
     """Images/s: the common DataLoader way vs depthlab's single-cell path vs K cells at once."""
-    from .bench import BenchOptions, BenchWorkerError, compare_paths, run_bench
+    from .bench import BenchOptions, BenchWorkerError, compare_paths, group_bench, run_bench
 
     options = BenchOptions(arch=arch.value, depth=depth, shortcut=shortcut.value, batch_size=batch_size, precision=precision.value,
                            steps=steps, warmup=warmup, jobs=jobs, device=device, compile=compile_mode.value, baseline=baseline,
@@ -301,12 +302,15 @@ def bench(
     with user_errors():
         options.cell()
         try:
-            result = compare_paths(options) if compare else run_bench(options)
+            result = group_bench(options, group) if group else compare_paths(options) if compare else run_bench(options)
         except BenchWorkerError as err:
             errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(RUN_ERROR)
     if as_json:
         print(json.dumps(result, indent=2))
+        return
+    if group:
+        _print_groups(result)
         return
     if compare:
         _print_paths(result)
@@ -321,6 +325,17 @@ def bench(
     ran = result["single_cell_execution"]
     console.print(f"  depthlab's step ran {ran['execution']}: {ran['dynamo_graphs']} graph(s), {ran['eager_steps']} eager step(s), "
                   f"{ran['cudagraph_skips']} CUDA-graph skip(s) (--json for the reasons)", highlight=False)
+
+
+def _print_groups(result: dict) -> None:
+    """bench --group as a table: images/s per net and in aggregate, K processes against K seeds grouped."""
+    console.print(f"{result['model']} batch {result['batch_size']} {result['precision']} on {result['device_name']} ({result['device']}), "
+                  f"torch {result['torch']}, compile: {result['compile']}, {result['steps']} timed steps; one cell: "
+                  f"{result['one_cell']:,.0f} images/s", highlight=False)
+    console.print(f"  {'K':>3} {'K processes: per net':>22} {'aggregate':>10} {'grouped: per net':>18} {'aggregate':>10} {'grouped/processes':>18}")
+    for row in result["groups"]:
+        console.print(f"  {row['k']:>3} {row['processes_per_net']:>22,.0f} {row['processes']:>10,.0f} {row['grouped_per_net']:>18,.0f} "
+                      f"{row['grouped']:>10,.0f} {row['grouped_over_processes']:>17.2f}×", highlight=False)
 
 
 def _print_paths(result: dict) -> None:

@@ -135,6 +135,9 @@ class RuntimeSpec:
     eval_batch_size: int = 1000
     deterministic: bool = False  # GPU: deterministic kernels, no cuDNN autotuning (slower), for bit-identical resumes
     tensorboard: bool = False  # also log every epoch to <results>/tensorboard/<cell>/ (needs the tensorboard extra)
+    # at most this many cells that differ only in seed train as one grouped model in one worker (1: each alone);
+    # auto: the device's measured default (group_training.resolve_group_seeds)
+    group_seeds: Union[int, Literal["auto"]] = "auto"
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,7 @@ MAX_BATCH_SIZE = 65_536  # a sanity bound: more than CIFAR-10's whole training s
 MAX_CELLS = 10_000  # a sanity bound: the paper's Figure 6 is 9 nets; 10,000 cells would take months on one GPU
 MAX_NAME_LENGTH = 100  # bytes of the results folder's name
 MAX_CELL_ID_LENGTH = 200  # cells/<id>/ and superseded/<id>-<stamp>/ stay under the usual 255-byte file-name limit
+MAX_GROUP_SEEDS = 64  # a sanity bound, not measured: 64 nets side by side is 64x a net's memory in one worker
 MAX_CUDA_INDEX = 127  # a fact: torch keeps a device index in 8 signed bits (torch 2.x here: "cuda:99999" became cuda:-97)
 
 
@@ -286,6 +290,7 @@ RANGES = {
     "val_split": Range(0, MAX_IMAGES),
     "eval_batch_size": Range(1, MAX_BATCH_SIZE),
     "jobs": Range(1, MAX_CELLS),
+    "group_seeds": Range(1, MAX_GROUP_SEEDS),
 }
 
 

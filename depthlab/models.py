@@ -90,6 +90,21 @@ class Layers:
             return PadShortcut(in_width, out_width, stride)
         return ProjectionShortcut(in_width, out_width, stride, self)
 
+    def projection(self, in_width: int, out_width: int, stride: int) -> nn.Module:
+        """Option B's W_s: a 1×1 conv or a linear layer; the bias only when no BatchNorm follows."""
+        bias = self.norm == "none"
+        if self.family == "mlp":
+            return nn.Linear(in_width, out_width, bias=bias)
+        return nn.Conv2d(in_width, out_width, 1, stride=stride, bias=bias)
+
+    def classifier(self, in_width: int, num_classes: int) -> nn.Module:
+        """The last layer, logits from the pooled features."""
+        return nn.Linear(in_width, num_classes)
+
+    def branch_scale(self) -> nn.Parameter:
+        """SkipInit's α: one learned scalar per block (init_weights sets it to 0)."""
+        return nn.Parameter(torch.ones(()))
+
 
 class PadShortcut(nn.Module):
     """Option A: subsample by the stride and zero-pad the new channels (or MLP units). No parameters."""
@@ -109,12 +124,7 @@ class ProjectionShortcut(nn.Sequential):
     """Option B: a learned projection W_s (1×1 conv or linear layer, with its norm) that matches the new shape."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, layers: Layers = Layers()):
-        bias = layers.norm == "none"
-        if layers.family == "mlp":
-            projection: nn.Module = nn.Linear(in_channels, out_channels, bias=bias)
-        else:
-            projection = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)
-        super().__init__(projection, layers.normalise(out_channels))
+        super().__init__(layers.projection(in_channels, out_channels, stride), layers.normalise(out_channels))
 
 
 class Block(nn.Module):
@@ -131,7 +141,7 @@ class Block(nn.Module):
         self.shortcut = shortcut
         self.shortcut_scale = shortcut_scale if shortcut is not None else 0.0
         # SkipInit (De & Smith 2020): x + α·F(x) with a learned α that starts at 0 (set by init_weights)
-        self.branch_scale = nn.Parameter(torch.ones(())) if skip_init else None
+        self.branch_scale = layers.branch_scale() if skip_init else None
 
     def preactivate(self, x: torch.Tensor) -> torch.Tensor:
         """What both the branch and the shortcut receive: the block's input, unless a subclass activates it first."""
@@ -143,7 +153,7 @@ class Block(nn.Module):
     def residual_branch(self, a: torch.Tensor) -> torch.Tensor:
         """F(a), everything before the add (α·F(a) under SkipInit)."""
         fa = self.branch(a)
-        return fa if self.branch_scale is None else self.branch_scale * fa
+        return fa if self.branch_scale is None else scale_branch(self.branch_scale, fa)
 
     def add_shortcut(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """F(x) + λ·shortcut(x); F(x) alone in a plain block."""
@@ -151,6 +161,14 @@ class Block(nn.Module):
             return branch
         shortcut = self.shortcut(x)
         return branch + (shortcut if self.shortcut_scale == 1.0 else self.shortcut_scale * shortcut)  # λ = 1: no extra pass
+
+
+def scale_branch(scale: torch.Tensor, fa: torch.Tensor) -> torch.Tensor:
+    """α·F(a): a scalar α, or one α per net when `fa` holds several nets' channels side by side (a grouped model)."""
+    if scale.dim() == 0:
+        return scale * fa
+    per_net = fa.unflatten(1, (len(scale), -1))
+    return (per_net * scale.view(-1, *[1] * (per_net.dim() - 2))).flatten(1, 2)
 
 
 class PostBlock(Block):
@@ -204,19 +222,20 @@ BLOCKS: dict[str, type[Block]] = {"post": PostBlock, "pre": PreBlock}
 class CifarNet(nn.Module):
     """A 6n+2-layer net for 32×32 images: stem, three stages of n blocks, final norm, pooling, classifier."""
 
-    def __init__(self, spec: NetSpec, num_classes: int = NUM_CLASSES):
+    def __init__(self, spec: NetSpec, num_classes: int = NUM_CLASSES, layers: Layers | None = None):
+        """`layers` makes the weighted layers and norms (default: one net's, `Layers(spec.family, spec.norm)`)."""
         super().__init__()
         problem = net_spec_error(spec)
         if problem:
             raise ValueError(problem)
         self.spec = spec = spec.canonical()
-        layers = Layers(spec.family, spec.norm)
+        layers = layers or Layers(spec.family, spec.norm)
         widths = MLP_WIDTHS if spec.family == "mlp" else STAGE_WIDTHS
         self.stem = self._stem(layers, widths[0])
         self.stages = self._stages(spec, layers, widths)
         self.final_norm = nn.Sequential(layers.normalise(widths[-1]), nn.ReLU()) if spec.block == "pre" else nn.Identity()
         self.pool = nn.Identity() if spec.family == "mlp" else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(widths[-1], num_classes)
+        self.classifier = layers.classifier(widths[-1], num_classes)
         init_weights(self, spec.init)
 
     @staticmethod

@@ -1,7 +1,8 @@
 """The worker pool: a sweep's cells trained at once in worker processes on this machine.
 
 How many workers fit (`auto_jobs`, from an upper estimate of one worker's GPU memory), which cell a free worker
-trains next (another seed of the net it compiled, else the longest), and what happens when a worker dies or
+trains next (another seed of the net it compiled, else the longest; with runtime.group_seeds, up to that many
+cells that differ only in seed as one unit, trained as one grouped model, each cell still ending alone), and what happens when a worker dies or
 outlives its sweep: a cell that killed its worker goes to a fresh one (`attempt.retry_policy`), and a worker
 whose sweep died ends itself (`die_with_parent`). Workers forward their cells' events as `events.ForwardedEvents`.
 """
@@ -12,6 +13,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import math
 import os
 import signal
 import threading
@@ -23,11 +25,12 @@ from typing import Any, Callable
 
 import torch
 
-from .attempt import CellOutcome, retry_policy, run_cell
+from .attempt import CellOutcome, retry_policy, run_cell, run_group
 from .config import Cell, DataSpec, RuntimeSpec, SweepConfig
 from .data import load_images
 from .errors import StorageError
 from .events import ForwardedEvents, RunEvents, deliver
+from .group_training import plan_groups
 from .models import build_net, net_size
 from .options import NetSpec
 from .train import prepare_worker_process, resolve_compile
@@ -75,30 +78,36 @@ def dataset_bytes(data: DataSpec) -> int:
     return sum(data.image_counts()) * IMAGE_BYTES
 
 
-def memory_per_job(cell: Cell, runtime: RuntimeSpec) -> int:
+def memory_per_job(cell: Cell, runtime: RuntimeSpec, members: int = 1) -> int:
     """An upper estimate of one worker's GPU memory while it trains `cell` (see docs/performance.md).
 
     The CUDA context, the dataset, the parameters with their gradients and momentum, and the
     larger of training's saved activations (with an allowance) and an evaluation batch's.
+    A worker that trains `members` seeds as one grouped model holds each of these but the
+    context and the dataset that many times (its layers have that many times the channels).
     """
     params, _ = net_size(cell.net_spec())
     per_image, largest = saved_activation_bytes(cell.net_spec())
     training = ACTIVATION_ALLOWANCE * per_image * cell.train.batch_size
     evaluation = 3 * largest * runtime.eval_batch_size  # no_grad: a layer's input, output and one temporary at a time
-    return int(CUDA_CONTEXT_BYTES + dataset_bytes(cell.data) + PARAMETER_COPIES * 4 * params + max(training, evaluation))
+    return int(CUDA_CONTEXT_BYTES + dataset_bytes(cell.data) + members * (PARAMETER_COPIES * 4 * params + max(training, evaluation)))
 
 
-def auto_jobs(device: torch.device, cells: list[Cell], runtime: RuntimeSpec) -> int:
-    """Cells to train at once: one on the CPU; on GPUs, as many as free memory holds of the largest cell, capped per GPU."""
-    if device.type != "cuda" or len(cells) <= 1:
+def auto_jobs(device: torch.device, cells: list[Cell], runtime: RuntimeSpec, members: int = 1) -> int:
+    """Workers to run at once: one on the CPU; on GPUs, as many as free memory holds of the largest cell, capped per GPU.
+
+    `members`: each worker trains up to that many seeds as one grouped model, so `cells` make fewer units of work.
+    """
+    units = math.ceil(len(cells) / max(1, members))
+    if device.type != "cuda" or units <= 1:
         return 1
-    per_job = max(memory_per_job(cell, runtime) for cell in cells)
+    per_job = max(memory_per_job(cell, runtime, members) for cell in cells)
     gpus = torch.cuda.device_count() if device.index is None else 1
     per_gpu = []
     for index in range(gpus) if device.index is None else [device.index]:
         free, _ = torch.cuda.mem_get_info(index)
         per_gpu.append(max(1, min(MAX_JOBS_PER_GPU, free // per_job)))
-    return int(max(1, min(len(cells), sum(per_gpu))))
+    return int(max(1, min(units, sum(per_gpu))))
 
 
 def worker_device(device: torch.device, worker: int) -> torch.device:
@@ -154,16 +163,22 @@ def exit_if_orphaned(parent_pid: int) -> None:
         os._exit(1)
 
 
-def serve(conn: Any, run: Callable[[int], CellOutcome]) -> None:
+Work = int | list[int]  # what a worker is sent: a cell's index, or the indices of cells to train as one group
+
+
+def serve(conn: Any, run: Callable[[Work], CellOutcome | list[CellOutcome]]) -> None:
     """A worker's loop: train the cells the parent sends until it sends None, or until this process is unfit.
 
+    `run` returns a cell's CellOutcome, or a group's list of them; each cell's ending is sent on its own.
     Each worker has its own pipe and waits on it: no shared queue whose lock a crashed worker could
     keep, and no non-blocking read that mistakes a busy queue for an empty one.
     """
-    while (index := conn.recv()) is not None:
-        outcome = run(index)
-        conn.send((ENDED, index, outcome))
-        if outcome.fault in ("worker", "storage"):
+    while (work := conn.recv()) is not None:
+        result = run(work)
+        ended = list(zip(work, result)) if isinstance(work, list) else [(work, result)]
+        for index, outcome in ended:
+            conn.send((ENDED, index, outcome))
+        if any(outcome.fault in ("worker", "storage") for _, outcome in ended):
             return
 
 
@@ -176,17 +191,19 @@ def _worker(rank: int, parent_pid: int, lock: SharedLock, config: SweepConfig, c
     prepare_worker_process(device, jobs, resolve_compile(config.runtime.compile, device))
     images = load_images(config.data).to(device)
     forward = ForwardedEvents(conn.send)
-    serve(conn, lambda index: run_cell(cells[index], images, device, config, out_dir, forward))
+    serve(conn, lambda work: run_group([cells[index] for index in work], images, device, config, out_dir, forward)
+          if isinstance(work, list) else run_cell(cells[work], images, device, config, out_dir, forward))
 
 
 @dataclasses.dataclass
 class WorkerHandle:
-    """The parent's side of one worker: its process, its pipe, the cell it was sent and the net it last trained."""
+    """The parent's side of one worker: its process, its pipe, the cell or group it was sent and the net it last trained."""
 
     process: Any
     conn: Any
-    cell: int | None = None
+    cell: Work | None = None
     net: tuple | None = None
+    waiting: set[int] = dataclasses.field(default_factory=set)  # the cells sent whose ending has not come back
 
 
 def compile_key(cell: Cell) -> tuple:
@@ -194,30 +211,41 @@ def compile_key(cell: Cell) -> tuple:
     return cell.net_spec(), cell.train.batch_size, cell.train.precision
 
 
-def next_cell(pending: collections.deque, cells: list[Cell], net: tuple | None) -> int:
-    """The first pending cell of the net the worker already compiled, else the first pending cell (the longest)."""
-    same = next((index for index in pending if net is not None and compile_key(cells[index]) == net), None)
+def next_cell(pending: collections.deque, cells: list[Cell], net: tuple | None) -> Work:
+    """The first pending cell (or group) of the net the worker already compiled, else the first pending one (the longest)."""
+    same = next((work for work in pending if net is not None and compile_key(cells[cells_of(work)[0]]) == net), None)
     if same is None:
         return pending.popleft()
     pending.remove(same)
     return same
 
 
+def cells_of(work: Work) -> list[int]:
+    """The indices of the cells in a unit of work."""
+    return work if isinstance(work, list) else [work]
+
+
+def units_of_work(cells: list[Cell], group_seeds: int) -> list[Work]:
+    """`cells` as units of work: a cell's index, or the indices of up to `group_seeds` cells that differ only in seed."""
+    return [unit if len(unit) > 1 else unit[0] for unit in plan_groups(cells, group_seeds)]
+
+
 def run_pool(config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, jobs: int,
-             display: RunEvents, lock_fd: int, target: Callable[..., None] = _worker) -> list[str]:
-    """Train `cells` in `jobs` worker processes (`target`), replacing each one that a cell leaves unfit; the failed ids."""
-    return _Pool(config, cells, out_dir, device, display, lock_fd, target, jobs).run()
+             display: RunEvents, lock_fd: int, target: Callable[..., None] = _worker, group_seeds: int = 1) -> list[str]:
+    """Train `cells` in `jobs` worker processes (`target`), replacing each one that a cell leaves unfit; the failed ids.
+    Up to `group_seeds` cells that differ only in seed go to one worker as one group."""
+    return _Pool(config, cells, out_dir, device, display, lock_fd, target, jobs, group_seeds).run()
 
 
 class _Pool:
     """The parent's side of the worker processes of one run_pool call."""
 
     def __init__(self, config: SweepConfig, cells: list[Cell], out_dir: Path, device: torch.device, display: RunEvents,
-                 lock_fd: int, target: Callable[..., None], jobs: int):
+                 lock_fd: int, target: Callable[..., None], jobs: int, group_seeds: int):
         self.context = torch.multiprocessing.get_context("spawn")
         self.args = (config, cells, out_dir, device, jobs)
         self.cells, self.display, self.lock_fd, self.target = cells, display, lock_fd, target
-        self.pending = collections.deque(range(len(cells)))
+        self.pending: collections.deque[Work] = collections.deque(units_of_work(cells, group_seeds))
         self.attempts = [0] * len(cells)
         self.failed: list[str] = []
         self.ended = 0
@@ -255,11 +283,12 @@ class _Pool:
         return [*(handle.process for handle in self.workers.values()), *self.retired]
 
     def hand_out(self) -> None:
-        """Send each idle worker its next cell."""
+        """Send each idle worker its next cell or group."""
         for handle in self.workers.values():
             if handle.cell is None and self.pending:
                 handle.cell = next_cell(self.pending, self.cells, handle.net)
-                handle.net = compile_key(self.cells[handle.cell])
+                handle.waiting = set(cells_of(handle.cell))
+                handle.net = compile_key(self.cells[cells_of(handle.cell)[0]])
                 with contextlib.suppress(BrokenPipeError):  # it just died: its end of file is read below
                     handle.conn.send(handle.cell)
         if not self.workers:
@@ -285,13 +314,17 @@ class _Pool:
                 deliver(message, self.display)
 
     def settle(self, rank: int, index: int, outcome: CellOutcome) -> None:
-        """An attempt at cells[index] ended on worker `rank`: retry it, record it, or stop the sweep (retry_policy)."""
-        self.workers[rank].cell = None
+        """An attempt at cells[index] ended on worker `rank`: retry it (alone), record it, or stop the sweep (retry_policy).
+        The worker is free once every cell it was sent has ended."""
+        handle = self.workers[rank]
+        handle.waiting.discard(index)
+        if not handle.waiting:
+            handle.cell = None
         self.attempts[index] += 1
         step = retry_policy(outcome, self.attempts[index])
         if step == "stop":
             raise StorageError(outcome.error)
-        if outcome.fault == "worker":  # that process is gone or going: a fresh one takes its place
+        if outcome.fault == "worker" and handle.cell is None:  # that process is gone or going: a fresh one takes its place
             self.retire(rank)
             self.workers[rank] = self.start(rank)
         if step == "retry":
@@ -307,7 +340,8 @@ class _Pool:
         handle = self.workers[rank]
         handle.process.join(WORKER_EXIT_SECONDS)
         if handle.cell is not None:
-            self.settle(rank, handle.cell, CellOutcome(None, f"its worker process died (exit code {handle.process.exitcode})", "worker"))
+            for index in sorted(handle.waiting):
+                self.settle(rank, index, CellOutcome(None, f"its worker process died (exit code {handle.process.exitcode})", "worker"))
         else:  # died idle, e.g. while loading the data: a fresh one would likely die the same way
             self.retire(rank)
             del self.workers[rank]

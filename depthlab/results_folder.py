@@ -145,6 +145,7 @@ class Summary(TypedDict, total=False):
     float32_matmul_precision: str  # torch.get_float32_matmul_precision(): highest = fp32, high = TF32 on a GPU
     precision: str  # fp32 | bf16 (autocast): train.precision as it ran on this device (auto resolved)
     memory_format: str  # nchw | channels_last: runtime.channels_last as it ran (auto resolved)
+    group_size: int  # nets in the grouped model that ended the cell (runtime.group_seeds), itself included; 1: trained alone
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ import torch
 import yaml
 
 from . import __version__, files
-from .attempt import run_cell, storage_errors
+from .attempt import run_group, storage_errors
 from .config import Cell, ConfigError, SweepConfig, check_fits_data, parse_config
 from .data import Images, load_images
 from .errors import StorageError, SweepConflict
 from .events import RunEvents
 from .fastpath import prepare_memory_formats
+from .group_training import plan_groups, resolve_group_seeds
 from .models import net_size
 from .pool import auto_jobs, run_pool
 from .results_folder import CellFolder, CellRecord, CellState, Damage, ResultsFolder, read_cell
@@ -97,16 +98,17 @@ def cell_cost(cell: Cell, n_train: int) -> float:
 
 
 def _run_inline(config: SweepConfig, images: Images, cells: list[Cell], out_dir: Path, device: torch.device,
-                display: SweepEvents) -> list[str]:
+                display: SweepEvents, group_seeds: int = 1) -> list[str]:
     images = images.to(device)
     failed = []
-    for cell in cells:
-        outcome = run_cell(cell, images, device, config, out_dir, display)
-        if outcome.fault == "storage":
-            raise StorageError(outcome.error)
-        if outcome.error:
-            failed.append(cell.id)
-        display.cell_ended(cell.id, outcome.summary, outcome.error)
+    for unit in plan_groups(cells, group_seeds):
+        group = [cells[index] for index in unit]
+        for cell, outcome in zip(group, run_group(group, images, device, config, out_dir, display)):
+            if outcome.fault == "storage":
+                raise StorageError(outcome.error)
+            if outcome.error:
+                failed.append(cell.id)
+            display.cell_ended(cell.id, outcome.summary, outcome.error)
     return failed
 
 
@@ -191,18 +193,20 @@ def _run_sweep(config: SweepConfig, images: Images, device: torch.device, result
     files.write_json(results.environment, environment(device))  # the latest run; each summary names its device
     prepare_memory_formats(config.runtime.channels_last, device, {cell.train.precision for cell in todo})
 
+    group_seeds = 1 if executor is not None else resolve_group_seeds(config.runtime.group_seeds, device)  # an executor trains cells alone
     if executor is not None:
         jobs = executor.slots(todo)
     else:
-        jobs = min(auto_jobs(device, todo, config.runtime) if config.runtime.jobs == "auto" else config.runtime.jobs, len(todo))
+        units = len(plan_groups(todo, group_seeds))
+        jobs = min(auto_jobs(device, todo, config.runtime, group_seeds) if config.runtime.jobs == "auto" else config.runtime.jobs, units)
     events.sweep_started(SweepStart(name=config.name, out_dir=results.path, total=len(config.cells), finished=len(skipped),
                                     to_train=len(todo), jobs=jobs, device=str(device), device_name=device_name(device)))
     if executor is not None:
         failed = executor.run(config, images, todo, results.path, events)
     elif jobs > 1:
-        failed = run_pool(config, todo, results.path, device, jobs, events, lock_fd)
+        failed = run_pool(config, todo, results.path, device, jobs, events, lock_fd, group_seeds=group_seeds)
     else:
-        failed = _run_inline(config, images, todo, results.path, device, events)
+        failed = _run_inline(config, images, todo, results.path, device, events, group_seeds)
     return SweepOutcome(results.path, [c.id for c in todo], skipped, failed, moved, repairs)
 
 

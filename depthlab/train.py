@@ -33,6 +33,7 @@ from .errors import DeviceError
 from .events import CellEvents
 from .data import Images, Normalizer, epoch_batches, eval_batches, training_batch
 from .fastpath import resolve_channels_last, resolve_precision
+from .grouped import build_grouped_net, grouped_outcome
 from .results_folder import METRIC_COLUMNS, CellFolder, Summary
 from .models import build_net, net_size
 from .dynamics import training_dynamics
@@ -285,6 +286,12 @@ class _CountedForward(nn.Module):
         return self.model(x)
 
 
+def one_net_outcome(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's loss for one net: (the loss to step on, the loss to report, the count of wrong answers)."""
+    loss = F.cross_entropy(logits, y)
+    return loss, loss, (logits.detach().argmax(1) != y).sum()
+
+
 class TrainStep:
     """One SGD step on a batch, optionally graph-compiled; returns loss and error count on the device.
 
@@ -297,11 +304,12 @@ class TrainStep:
     time and throughput leave compilation out; a compile that failed goes to
     `failed_compile_seconds`. `record()` says how the steps really ran.
     `backend` is torch.compile's; tests pass a cheap one (`aot_eager`) or a recording function.
+    `outcome` turns logits and labels into the loss (see one_net_outcome; a grouped model's gives one loss per net).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, bf16: bool, compile_mode: str,
-                 backend: str | Callable = "inductor"):
-        self.model, self.optimizer, self.bf16 = model, optimizer, bf16
+                 backend: str | Callable = "inductor", outcome: Callable = one_net_outcome):
+        self.model, self.optimizer, self.bf16, self.outcome = model, optimizer, bf16, outcome
         self.compile_mode, self.backend = compile_mode, backend
         self.compiled = compile_mode != "none"
         self.cudagraphs = self.compiled and backend == "inductor" and compile_mode in CUDA_GRAPH_MODES
@@ -340,11 +348,11 @@ class TrainStep:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
-            loss = F.cross_entropy(logits, y)
+            loss, reported, wrong = self.outcome(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.detach().float(), (logits.detach().argmax(1) != y).sum()
+        return reported.detach().float(), wrong
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.compiled:
@@ -422,20 +430,39 @@ def resolve_compile(mode: str, device: torch.device) -> str:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Normalizer, batch_size: int, bf16: bool,
-             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
-    """Mean loss and error (%) in eval mode without augmentation, in large batches, on the training step's fast path."""
+             memory_format: torch.memory_format = torch.contiguous_format, members: int | None = None) -> tuple[Metric, Metric]:
+    """Mean loss and error (%) in eval mode without augmentation, in large batches, on the training step's fast path.
+
+    `members`: the model is that many nets grouped (grouped.py); each sees the same images, and each gets its own numbers.
+    """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    errors = torch.zeros((), device=x.device, dtype=torch.long)
+    loss_sum = torch.zeros(() if members is None else (members,), device=x.device)
+    errors = torch.zeros_like(loss_sum, dtype=torch.long)
     for part in eval_batches(len(y), batch_size):
+        images = normalize(x[part]).contiguous(memory_format=memory_format)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(normalize(x[part]).contiguous(memory_format=memory_format))
-        loss_sum += F.cross_entropy(logits.float(), y[part], reduction="sum")
-        errors += (logits.argmax(1) != y[part]).sum()
+            logits = model(images if members is None else images.repeat(1, members, *[1] * (images.dim() - 2)))
+        if members is None:
+            loss_sum += F.cross_entropy(logits.float(), y[part], reduction="sum")
+            errors += (logits.argmax(1) != y[part]).sum()
+        else:
+            per_net, labels = logits.float().unflatten(1, (members, -1)), y[part, None].expand(-1, members)
+            loss_sum += F.cross_entropy(per_net.transpose(1, 2), labels, reduction="none").sum(0)
+            errors += (per_net.argmax(2) != labels).sum(0)
     model.train(was_training)
     loss, err = torch.stack([loss_sum, errors.float()]).tolist()
-    return loss / len(y), 100.0 * err / len(y)
+    return per_image(loss, len(y)), per_image(err, len(y), 100.0)
+
+
+Metric = float | list[float]  # one net's number, or one per net of a grouped model
+
+
+def per_image(total: Metric, images: int, scale: float = 1.0) -> Metric:
+    """A sum over images as a mean (× scale), for one net or each net of a group."""
+    if isinstance(total, list):
+        return [scale * value / images for value in total]
+    return scale * total / images
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -525,21 +552,27 @@ def _keep_or_reset_compiled(key: tuple) -> None:
     _compiled_nets.add(key)
 
 
-def build_training_setup(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor") -> TrainingSetup:
-    """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use."""
+def build_training_setup(cell: Cell, device: torch.device, runtime: RuntimeSpec, compile_backend: str | Callable = "inductor",
+                         members: int | None = None) -> TrainingSetup:
+    """The model (initialised from the cell's seed alone), optimizer and step that `train_cell` and `bench` both use.
+
+    `members`: that many nets of the cell's spec as one grouped model (grouped.py), whose weights the caller packs in.
+    """
     configure_device(device, runtime.deterministic)
     compile_mode = resolve_compile(runtime.compile, device)
     torch.manual_seed(cell.seed)
-    model = build_net(cell.net_spec()).to(device)
+    model = (build_net(cell.net_spec()) if members is None else build_grouped_net(cell.net_spec(), members)).to(device)
     precision = resolve_precision(cell.train.precision, device)
     channels_last = resolve_channels_last(runtime.channels_last, device, precision == "bf16")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if compile_mode != "none":
         backend = compile_backend if isinstance(compile_backend, str) else id(compile_backend)
-        _keep_or_reset_compiled((cell.net_spec(), cell.train.batch_size, precision, channels_last, compile_mode, backend, str(device)))
+        _keep_or_reset_compiled((cell.net_spec(), members, cell.train.batch_size, precision, channels_last, compile_mode, backend,
+                                 str(device)))
     model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, cell.train, device)
-    step = TrainStep(model, optimizer, precision == "bf16", compile_mode, compile_backend)
+    outcome = one_net_outcome if members is None else grouped_outcome(members)
+    step = TrainStep(model, optimizer, precision == "bf16", compile_mode, compile_backend, outcome)
     return TrainingSetup(model, optimizer, step, memory_format, precision)
 
 
@@ -559,7 +592,7 @@ def prepare_worker_process(device: torch.device, jobs: int, compile_mode: str) -
 
 def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
                 state: TrainState, device: torch.device,
-                progress: Callable[[int], None] | None = None) -> tuple[float, float, float]:
+                progress: Callable[[int], None] | None = None, members: int | None = None) -> tuple[Metric, Metric, float]:
     """One pass over the batches (or what is left of the iteration budget): running loss, error % and the last lr.
 
     Advances `state.iteration` and ends the warm-up in `state`; `progress` gets the count of
@@ -568,9 +601,10 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
     WARMUP_CHECK_EVERY batches is read to decide when it ends; a window also closes at the end of
     the epoch, so epochs shorter than a window still end the warm-up, and windows restart with each
     epoch, so a run resumed at an epoch boundary decides exactly as before.
+    `members`: the step trains that many nets grouped, and loss and error come back per net (no warm-up then).
     """
-    loss_sum = torch.zeros((), device=device)
-    errors = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros(() if members is None else (members,), device=device)
+    errors = torch.zeros_like(loss_sum, dtype=torch.long)
     window_errors = torch.zeros((), device=device, dtype=torch.long)
     seen = window_seen = 0
 
@@ -605,7 +639,7 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
     if state.warming_up and window_seen:
         close_window()
     total_loss, wrong_count = torch.stack([loss_sum, errors.float()]).tolist()
-    return total_loss / seen, 100.0 * wrong_count / seen, lr
+    return per_image(total_loss, seen), per_image(wrong_count, seen, 100.0), lr
 
 
 def _resume(folder: CellFolder, cell: Cell, setup: TrainingSetup, device: torch.device) -> TrainState:
@@ -655,8 +689,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         return evaluate(setup.model, x, y, normalize, runtime.eval_batch_size, setup.bf16, setup.memory_format)
 
     state = _resume(folder, cell, setup, device)
-    files.write_json(folder.config, {**cell.to_record(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path,
-                                     "run_length": asdict(length)})
+    write_cell_config(folder, cell, length)
     if events:
         events.cell_started(cell.id, length.epochs, state.epoch)
     progress = Throttled(lambda done: events.epoch_progress(cell.id, state.epoch + 1, done, length.iterations_per_epoch),
@@ -691,10 +724,25 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         if events:
             events.epoch_done(cell.id, row)
 
-    summary = _summary(cell, state, diverged, device, runtime, setup)
-    if not diverged:
-        clean_loss, clean_err = evaluate_on(images.train_x, images.train_y)
-        summary["final"].update(clean_train_loss=clean_loss, clean_train_err=clean_err)
+    clean = None if diverged else evaluate_on(images.train_x, images.train_y)
+    return end_cell(folder, cell, state, clean, device, runtime, setup)
+
+
+def write_cell_config(folder: CellFolder, cell: Cell, length: RunLength) -> None:
+    """config.json: what the cell trains, written when its training starts or resumes."""
+    files.write_json(folder.config, {**cell.to_record(), "fingerprint": cell.fingerprint(), "data_path": cell.data.path,
+                                     "run_length": asdict(length)})
+
+
+def end_cell(folder: CellFolder, cell: Cell, state: TrainState, clean: tuple[float, float] | None, device: torch.device,
+             runtime: RuntimeSpec, setup: TrainingSetup, group_size: int = 1) -> Summary:
+    """Write an ended cell's weights, summary and DONE and drop its checkpoint; `clean` is None when it diverged,
+    else its clean training (loss, error). `setup.model` holds this cell's own weights; `group_size` counts the nets
+    it last trained beside as one grouped model (group_training.py), itself included."""
+    summary = _summary(cell, state, clean is None, device, runtime, setup)
+    summary["group_size"] = group_size
+    if clean is not None:
+        summary["final"].update(clean_train_loss=clean[0], clean_train_err=clean[1])
         files.save_torch(folder.weights, setup.model.state_dict())
     files.write_json(folder.summary, summary)
     folder.mark_done(cell.fingerprint())
