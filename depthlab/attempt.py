@@ -23,7 +23,7 @@ from .data import Images
 from .errors import StorageError
 from .events import CellEvents
 from .group_training import train_group
-from .results_folder import CellFolder, ResultsFolder
+from .results_folder import CellFolder, ResultsFolder, read_cell
 from .train import train_cell
 
 Fault = Literal["cell", "worker", "storage"]
@@ -82,7 +82,8 @@ def run_cell(cell: Cell, images: Images, device: torch.device, config: SweepConf
 def run_group(cells: list[Cell], images: Images, device: torch.device, config: SweepConfig, out_dir: Path,
               events: CellEvents) -> list[CellOutcome]:
     """`run_cell` for cells that differ only in seed, trained as one grouped model (one cell: `train_cell`); an outcome
-    per cell, in their order. An error ends the group's cells alike; each gets it in its own error.txt."""
+    per cell, in their order. An error ends the group's unfinished cells alike, each with it in its own error.txt; a
+    member that ended before the error (a diverged net) keeps its result and is neither failed nor retried."""
     folders = [ResultsFolder(out_dir).cell(cell.id) for cell in cells]
     try:
         for folder in folders:
@@ -94,8 +95,14 @@ def run_group(cells: list[Cell], images: Images, device: torch.device, config: S
     except KeyboardInterrupt:
         raise
     except Exception as err:  # recorded per cell so that the other cells still run
-        return [_failure(err, folder) for folder in folders]
+        return [_ended_outcome(folder) or _failure(err, folder) for folder in folders]
     return [CellOutcome(summary) for summary in summaries]
+
+
+def _ended_outcome(folder: CellFolder) -> CellOutcome | None:
+    """The outcome of a cell that ended (its DONE written) before its group's error: its result, or None."""
+    record = read_cell(folder)
+    return CellOutcome(dict(record.summary)) if record.state.ended and record.summary is not None else None
 
 
 def _failure(err: Exception, folder: CellFolder) -> CellOutcome:

@@ -25,7 +25,8 @@ import torch
 
 from depthlab import pool as pool_module
 from depthlab import train as train_module
-from depthlab.attempt import CellOutcome
+from depthlab import group_training
+from depthlab.attempt import CellOutcome, retry_policy, run_group
 from depthlab.config import ConfigError, RuntimeSpec, parse_config
 from depthlab.data import load_images
 from depthlab.group_training import group_refusal, plan_groups, train_group
@@ -221,6 +222,31 @@ def test_a_diverged_member_is_recorded_and_the_others_finish_as_they_would(tmp_p
     for k in (0, 2):  # trained beside a NaN net for an epoch, then as a group of two: as if the NaN net were not there
         assert ended[k]["group_size"] == 2
         assert ended[k]["final"]["clean_train_loss"] == pytest.approx(clean[k]["final"]["clean_train_loss"], rel=LOSS_RTOL)
+
+
+def test_a_member_that_ended_before_its_groups_error_keeps_its_result_and_is_not_retried(tmp_path, monkeypatch) -> None:
+    cells = three_seeds(epochs=3, milestones=[2])
+    images = load_images(cells[0].data)
+    config = parse_config(tiny_sweep(), source="t")
+    dirs = [ResultsFolder(tmp_path).cell(cell.id).path for cell in cells]
+    train_group(cells, images, CPU, config.runtime, dirs, stop_after_epochs=1)
+    checkpoint = torch.load(dirs[1] / "checkpoint.pt", weights_only=False)
+    checkpoint["model"]["stem.0.weight"].fill_(math.nan)
+    torch.save(checkpoint, dirs[1] / "checkpoint.pt")
+    real_grouped, calls = group_training._grouped, []
+
+    def dies_when_regrouping(*args, **kwargs):  # the second grouping is the regroup after the NaN net was recorded
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_grouped(*args, **kwargs)
+
+    monkeypatch.setattr(group_training, "_grouped", dies_when_regrouping)
+    outcomes = run_group(cells, images, CPU, config, tmp_path, events=None)
+    assert outcomes[1].error is None and outcomes[1].summary["status"] == "diverged"
+    assert not (dirs[1] / "error.txt").exists() and (dirs[1] / "DONE").is_file()
+    assert [retry_policy(outcomes[k], attempts=1) for k in (0, 2)] == ["retry", "retry"]
+    assert retry_policy(outcomes[1], attempts=1) == "record"
 
 
 def test_cells_group_only_when_they_differ_in_seed_alone_and_never_beyond_k() -> None:
