@@ -35,8 +35,8 @@ from .dynamics import training_dynamics
 from .events import CellEvents
 from .grouped import pack, pack_optimizer, unpack, unpack_optimizer
 from .results_folder import CellFolder
-from .train import (DYNAMICS_BATCH, PROGRESS_SECONDS, Schedule, Throttled, TrainingSetup, TrainState, _book_training_time, _epoch_record,
-                    _resume, _save_epoch, build_training_setup, end_cell, epoch_generator, evaluate, train_cell, train_epoch,
+from .train import (DYNAMICS_BATCH, PROGRESS_SECONDS, Schedule, Throttled, TrainingSetup, TrainState, book_training_time, epoch_record,
+                    resume_state, save_epoch, build_training_setup, end_cell, epoch_generator, evaluate, train_cell, train_epoch,
                     write_cell_config)
 
 
@@ -105,7 +105,7 @@ def train_group(cells: list[Cell], images: Images, device: torch.device, runtime
     for cell, path in zip(cells, cell_dirs):
         own = build_training_setup(cell, device, own_runtime)
         folder = CellFolder(path)
-        nets.append(_Net(cell, folder, own, _resume(folder, cell, own, device)))
+        nets.append(_Net(cell, folder, own, resume_state(folder, cell, own, device)))
     by_iteration: dict[int, list[_Net]] = {}
     for net in nets:
         by_iteration.setdefault(net.state.iteration, []).append(net)
@@ -189,7 +189,7 @@ def _train_together(nets: list[_Net], images: Images, device: torch.device, runt
         losses, errors, lr = train_epoch(setup.step, batches, schedule, clock, device, progress, members=k)
         elapsed = time.perf_counter() - started
         compiling, failed = setup.step.compile_seconds - compiled_before, setup.step.failed_compile_seconds - failed_before
-        record = _epoch_record(record_before, setup.step.record())
+        record = epoch_record(record_before, setup.step.record())
         scored = {"test": evaluate(setup.model, images.test_x, images.test_y, normalize, runtime.eval_batch_size, setup.bf16,
                                    setup.memory_format, members=k)}
         if images.val_y is not None:
@@ -198,7 +198,7 @@ def _train_together(nets: list[_Net], images: Images, device: torch.device, runt
         _ungroup(setup, nets)
         for i, net in enumerate(nets):
             diverged = not math.isfinite(losses[i])
-            _book_training_time(net.state, setup.step, elapsed, compiling, failed, record)
+            book_training_time(net.state, setup.step, elapsed, compiling, failed, record)
             row = {"epoch": net.state.epoch + 1, "iteration": clock.iteration, "lr": lr, "train_loss": losses[i],
                    "train_err": errors[i]}
             if not diverged:
@@ -209,7 +209,7 @@ def _train_together(nets: list[_Net], images: Images, device: torch.device, runt
             row["seconds"] = time.perf_counter() - started
             net.state.epoch, net.state.iteration = net.state.epoch + 1, clock.iteration
             net.state.rows.append(row)
-            _save_epoch(net.folder, net.cell, net.own, net.state)
+            save_epoch(net.folder, net.cell, net.own, net.state)
             if events:
                 events.epoch_done(net.cell.id, row)
             if diverged:

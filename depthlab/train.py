@@ -642,7 +642,7 @@ def train_epoch(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Ten
     return per_image(total_loss, seen), per_image(wrong_count, seen, 100.0), lr
 
 
-def _resume(folder: CellFolder, cell: Cell, setup: TrainingSetup, device: torch.device) -> TrainState:
+def resume_state(folder: CellFolder, cell: Cell, setup: TrainingSetup, device: torch.device) -> TrainState:
     """The state saved after the last finished epoch (weights and optimizer restored), or a fresh one."""
     if not folder.checkpoint.is_file():
         return TrainState(warming_up=cell.train.warmup_lr is not None)
@@ -654,7 +654,7 @@ def _resume(folder: CellFolder, cell: Cell, setup: TrainingSetup, device: torch.
     return TrainState(**saved["state"])
 
 
-def _save_epoch(folder: CellFolder, cell: Cell, setup: TrainingSetup, state: TrainState) -> None:
+def save_epoch(folder: CellFolder, cell: Cell, setup: TrainingSetup, state: TrainState) -> None:
     """dynamics.csv, metrics.csv and the checkpoint after an epoch, each written atomically."""
     if state.dynamics:
         files.write_text(folder.dynamics, pd.DataFrame(state.dynamics).to_csv(index=False))
@@ -688,7 +688,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
     def evaluate_on(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         return evaluate(setup.model, x, y, normalize, runtime.eval_batch_size, setup.bf16, setup.memory_format)
 
-    state = _resume(folder, cell, setup, device)
+    state = resume_state(folder, cell, setup, device)
     write_cell_config(folder, cell, length)
     if events:
         events.cell_started(cell.id, length.epochs, state.epoch)
@@ -708,8 +708,8 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
                    for index in epoch_batches(n_train, spec.batch_size, generator, device))
         train_loss, train_err, lr = train_epoch(setup.step, batches, schedule, state, device, progress)
         diverged = not math.isfinite(train_loss)
-        _book_training_time(state, setup.step, time.perf_counter() - started, setup.step.compile_seconds - compiled_before,
-                            setup.step.failed_compile_seconds - failed_before, _epoch_record(record_before, setup.step.record()))
+        book_training_time(state, setup.step, time.perf_counter() - started, setup.step.compile_seconds - compiled_before,
+                            setup.step.failed_compile_seconds - failed_before, epoch_record(record_before, setup.step.record()))
         row = {"epoch": state.epoch + 1, "iteration": state.iteration, "lr": lr, "train_loss": train_loss, "train_err": train_err}
         if not diverged:
             state.dynamics.append({"epoch": state.epoch + 1, **training_dynamics(setup.model, *dynamics_batch, setup.bf16)})
@@ -720,7 +720,7 @@ def train_cell(cell: Cell, images: Images, device: torch.device, runtime: Runtim
         state.epoch += 1
         state.rows.append(row)
         epochs_this_call += 1
-        _save_epoch(folder, cell, setup, state)
+        save_epoch(folder, cell, setup, state)
         if events:
             events.epoch_done(cell.id, row)
 
@@ -750,7 +750,7 @@ def end_cell(folder: CellFolder, cell: Cell, state: TrainState, clean: tuple[flo
     return summary
 
 
-def _book_training_time(state: TrainState, step: TrainStep, elapsed: float, compiling: float, failed: float,
+def book_training_time(state: TrainState, step: TrainStep, elapsed: float, compiling: float, failed: float,
                         record: CompileRecord) -> None:
     """Split an epoch's training-loop time into compilation and training, and add how the epoch's steps ran.
 
@@ -768,7 +768,7 @@ def _book_training_time(state: TrainState, step: TrainStep, elapsed: float, comp
         state.executions.append(step.execution)
 
 
-def _epoch_record(before: CompileRecord, after: CompileRecord) -> CompileRecord:
+def epoch_record(before: CompileRecord, after: CompileRecord) -> CompileRecord:
     """What one epoch added to a process's counts (reasons: those first seen in it)."""
     counts = {name: getattr(after, name) - getattr(before, name) for name in CompileRecord.COUNTS}
     return CompileRecord(**counts, recompile_reasons=[r for r in after.recompile_reasons if r not in before.recompile_reasons],
