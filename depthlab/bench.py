@@ -28,8 +28,8 @@ from .models import build_net
 from .options import NetSpec
 from .fastpath import resolve_channels_last, resolve_precision
 from .group_training import stacked_batches  # the group's own batches: each net's shuffle and augmentation
-from .train import (CompileRecord, configure_device, device_name, epoch_generator, build_training_setup, one_line, prepare_worker_process,
-                    resolve_compile, resolve_device, synchronize)
+from .train import (CompileRecord, build_training_setup, configure_device, device_name, epoch_generator, one_line,
+                    prepare_worker_process, resolve_compile, resolve_device, synchronize, usable_cores)
 
 WORKER_POLL_SECONDS = 1.0  # how often the parent looks whether a silent worker is still alive
 WORKER_TIMEOUT_SECONDS = 1800.0  # a guess: K workers' start, data upload, compile and steps; a worker silent longer is stuck
@@ -54,7 +54,7 @@ class BenchOptions:
     jobs: int = 4  # cells at once for the concurrent measurement (1 skips it)
     device: str = "auto"
     compile: str = "auto"
-    loader_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # the common way's DataLoader workers
+    loader_workers: int = field(default_factory=lambda: min(4, usable_cores()))  # the common way's DataLoader workers
     baseline: bool = True
 
     def cell(self) -> Cell:

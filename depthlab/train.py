@@ -576,10 +576,15 @@ def build_training_setup(cell: Cell, device: torch.device, runtime: RuntimeSpec,
     return TrainingSetup(model, optimizer, step, memory_format, precision)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: under `taskset` or a container's CPU set, fewer than the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def prepare_worker_process(device: torch.device, jobs: int, compile_mode: str) -> None:
     """A worker's share of the machine: its GPU, or on a CPU its share of the cores for torch's threads; and
     its share of the cores for inductor's compile workers (by default each process starts as many as the machine has)."""
-    share = max(1, (os.cpu_count() or 1) // jobs)
+    share = max(1, usable_cores() // jobs)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:

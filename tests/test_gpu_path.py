@@ -204,7 +204,8 @@ def test_a_worker_takes_its_share_of_the_cores_for_torch_and_for_inductor_s_comp
 
     monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)  # restored after the test
     threads = torch.get_num_threads()
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's cores; the process may run on 16 of them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     try:
         prepare_worker_process(CPU, 4, "default")
         assert (torch.get_num_threads(), inductor_config.compile_threads) == (4, 4)
