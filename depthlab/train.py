@@ -100,7 +100,8 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     try:
         model = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-        return f"{model.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        return f"{model.split(':', 1)[1].strip()} ({threads} thread{'' if threads == 1 else 's'})"
     except (OSError, StopIteration):
         return platform.processor() or platform.machine() or "cpu"
 
