@@ -229,8 +229,8 @@ def _train_together(nets: list[_Net], images: Images, device: torch.device, runt
     return ended
 
 
-# Evidence for the defaults: see docs/performance.md, "Seeds as a batch dimension" ([GROUP-BENCH] numbers pending).
-CPU_GROUP_SEEDS = 1  # off until `depthlab bench --group` shows grouping faster on a CPU; the table will say
+# Evidence: docs/performance.md, "Seeds as a batch dimension" (bench --group, idle 2-core AMD EPYC, fp32, torch 2.14.1).
+CPU_GROUP_SEEDS = 1  # off: K = 2/4/8 grouped ran at 0.57-0.97x one cell's aggregate rate for ResNet-20 and -56
 GPU_GROUP_SEEDS = 8  # a guess, not measured: a CIFAR net at batch 128 leaves most of a GPU idle
 
 
