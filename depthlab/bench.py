@@ -17,7 +17,7 @@ import queue
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from .models import build_net
 from .options import NetSpec
 from .fastpath import resolve_channels_last, resolve_precision
 from .group_training import stacked_batches  # the group's own batches: each net's shuffle and augmentation
-from .train import (CompileRecord, build_training_setup, configure_device, device_name, epoch_generator, one_line,
+from .train import (CompileRecord, TrainingSetup, build_training_setup, configure_device, device_name, epoch_generator, one_line,
                     prepare_worker_process, resolve_compile, resolve_device, synchronize, usable_cores)
 
 WORKER_POLL_SECONDS = 1.0  # how often the parent looks whether a silent worker is still alive
@@ -150,17 +150,27 @@ def _depthlab_span(cell: Cell, steps: int, warmup: int, device: torch.device, ru
     `ready` runs between the two (K processes meet there, so that they time the same interval).
     """
     setup = build_training_setup(cell, device, runtime)
-    batch_size = cell.train.batch_size
     normalize = Normalizer(images.train_x, cell.data.normalize)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = epoch_generator(cell.seed, epoch, device)
+        for index in epoch_batches(len(images.train_y), cell.train.batch_size, generator, device):
+            yield training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index]
+
+    return _timed_steps(setup, batches, steps, warmup, device, ready)
+
+
+def _timed_steps(setup: TrainingSetup, batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]], steps: int,
+                 warmup: int, device: torch.device, ready: Callable[[], None] = lambda: None) -> Span:
+    """`steps` timed steps of `setup`'s step over `batches(epoch)`, epoch after epoch, after `warmup` untimed ones."""
     done, started, epoch = 0, 0.0, 0
     while done < warmup + steps:
-        generator = epoch_generator(cell.seed, epoch, device)
-        for index in epoch_batches(len(images.train_y), batch_size, generator, device):
+        for x, y in batches(epoch):
             if done == warmup:
                 synchronize(device)
                 ready()
                 started = time.time()
-            setup.step(training_batch(images.train_x, index, normalize, generator, setup.memory_format), images.train_y[index])
+            setup.step(x, y)
             done += 1
             if done == warmup + steps:
                 break
@@ -279,20 +289,12 @@ def _grouped_span(cells: list[Cell], steps: int, warmup: int, device: torch.devi
     """`steps` timed steps of `cells` (seeds of one net) as one grouped model, each net on its own seed's batches."""
     setup = build_training_setup(cells[0], device, runtime, members=len(cells))
     normalize = Normalizer(images.train_x, cells[0].data.normalize)
-    done, started, epoch = 0, 0.0, 0
-    while done < warmup + steps:
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generators = [epoch_generator(cell.seed, epoch, device) for cell in cells]
-        for x, y in stacked_batches(images, normalize, generators, cells[0].train.batch_size, device, setup.memory_format):
-            if done == warmup:
-                synchronize(device)
-                started = time.time()
-            setup.step(x, y)
-            done += 1
-            if done == warmup + steps:
-                break
-        epoch += 1
-    synchronize(device)
-    return Span(started, time.time(), step_execution(setup.step))
+        return stacked_batches(images, normalize, generators, cells[0].train.batch_size, device, setup.memory_format)
+
+    return _timed_steps(setup, batches, steps, warmup, device)
 
 
 def group_bench(options: BenchOptions, sizes: list[int]) -> dict[str, Any]:
