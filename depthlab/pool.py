@@ -2,8 +2,8 @@
 
 How many workers fit (`auto_jobs`, from an upper estimate of one worker's GPU memory), which cell a free worker
 trains next (another seed of the net it compiled, else the longest; with runtime.group_seeds, up to that many
-cells that differ only in seed as one unit, trained as one grouped model, each cell still ending alone), and what happens when a worker dies or
-outlives its sweep: a cell that killed its worker goes to a fresh one (`attempt.retry_policy`), and a worker
+cells that differ only in seed as one unit, trained as one grouped model, each cell still ending alone), and
+what happens when a worker dies or outlives its sweep: a cell that killed its worker goes to a fresh one (`attempt.retry_policy`), and a worker
 whose sweep died ends itself (`die_with_parent`). Workers forward their cells' events as `events.ForwardedEvents`.
 """
 
