@@ -13,14 +13,17 @@ Needs numpy (a pandas dependency), not torch.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+import yaml
 
-from .verdict import ALPHA, MARGIN, PAPER_TRAIN_SIZE, find_outliers, judge
+from .verdict import ALPHA, MARGIN, MEASURE, PAPER_TRAIN_SIZE, find_outliers, judge
 
 Key = tuple[str, int]
 SEED_COUNTS = (2, 3, 4, 5)
@@ -49,6 +52,43 @@ class Scenario:
                 draws += shift * (rng.random(seeds) < share)
             values[key] = draws.tolist()
         return values
+
+
+@dataclass(frozen=True)
+class MeasuredSeeds:
+    """The demo as it ran: every finished seed's clean training error per net, pooled over results folders. A
+    simulated sweep draws its seeds from these with replacement (a bootstrap), so no normal shape is assumed: a
+    seed that landed far off is drawn as often as it was seen."""
+
+    name: str
+    values: dict[Key, list[float]]
+    images: int = PAPER_TRAIN_SIZE
+
+    def draw(self, rng: np.random.Generator, seeds: int) -> dict[Key, list[float]]:
+        return {key: rng.choice(pool, seeds, replace=True).tolist() for key, pool in self.values.items()}
+
+
+def read_measured(folders: Sequence[Path]) -> MeasuredSeeds:
+    """The plain and residual seeds of the report folders' cells.csv (variants left out), and the training-subset
+    size of their sweep.yaml (they must agree: the binomial floor is measured on it)."""
+    values: dict[Key, list[float]] = {}
+    sizes = set()
+    for folder in folders:
+        table, sweep = Path(folder) / "cells.csv", Path(folder) / "sweep.yaml"
+        if not table.is_file():
+            raise SystemExit(f"--demo-runs: {table} not found (run `depthlab report {folder}` first)")
+        sizes.add(((yaml.safe_load(sweep.read_text()) or {}).get("data") or {}).get("train_size", PAPER_TRAIN_SIZE)
+                  if sweep.is_file() else PAPER_TRAIN_SIZE)
+        with table.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("state") == "finished" and not row.get("variant") and row.get(MEASURE):
+                    values.setdefault((row["arch"], int(row["depth"])), []).append(float(row[MEASURE]))
+    if len(sizes) > 1:
+        raise SystemExit(f"--demo-runs: the folders trained on different subsets ({sorted(sizes)} images); pool like with like")
+    if len(values) < 4 or min(map(len, values.values())) < 2:
+        found = ", ".join(f"{a}-{d}: {len(v)}" for (a, d), v in values.items()) or "none"
+        raise SystemExit(f"--demo-runs: need at least 2 finished seeds of plain and residual nets at 2 depths; found {found}")
+    return MeasuredSeeds(", ".join(str(f) for f in folders), dict(sorted(values.items())), images=sizes.pop())
 
 
 def grid(plain: Sequence[float], residual: Sequence[float], depths: Sequence[int] = (8, 20)) -> dict[Key, float]:
@@ -139,37 +179,56 @@ class Tables:
         self.lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
-def simulate(sweeps: int, seed_counts: Sequence[int], demo: Scenario, demo_seeds: Sequence[int], seed: int = 0,
-             progress: Callable[[str], None] = lambda _: None) -> str:
-    """Every table as markdown."""
-    rng = np.random.default_rng(seed)
-    out = Tables()
-    columns = [f"{n} seeds" for n in seed_counts]
-    rows = []
-    for scenario in BOUNDARIES:
-        progress(scenario.name)
-        rows.append([scenario.name, *(_pct(rates(scenario, n, sweeps, rng)["reproduced"]) for n in seed_counts)])
-    for scenario in SEQUENTIAL:
-        for corrected in (False, True):
-            progress(f"sequential {scenario.name}")
-            label = f"seeds added one at a time from 2, stopping when firm, {'α/k at look k' if corrected else 'α at every look'}: {scenario.name}"
-            rows.append([label, *(_pct(sequential_rate(scenario, n, sweeps, rng, corrected)) for n in seed_counts)])
-    out.table(f"False \"reproduced\" (should be ≤ {ALPHA:.0%}), {sweeps:,} sweeps per cell", ["truth", *columns], rows)
-    rows = []
-    for scenario in CLAIM_TRUE:
-        progress(scenario.name)
-        measured = [rates(scenario, n, sweeps, rng) for n in seed_counts]
-        rows.append([scenario.name, *(f"{_pct(r['not_reproduced'])} / {_pct(r['reproduced'])} / {_pct(r['outlier'])}"
-                                      for r in measured)])
-    out.table("When the claim holds: false \"not reproduced\" / \"reproduced\" / grids with an outlier named", ["truth", *columns], rows)
-    progress("demo")
+def _power(demo: Union[Scenario, MeasuredSeeds], demo_seeds: Sequence[int], sweeps: int,
+           rng: np.random.Generator) -> list[list[str]]:
     rows = []
     for n in demo_seeds:
         r = rates(demo, n, sweeps, rng)
         rows.append([str(n), _pct(r["reproduced"]), _pct(r["undecided"]), _pct(r["not_reproduced"]), _pct(r["outlier"])])
-    nets = ", ".join(f"{'ResNet' if a == 'residual' else a}-{d} {m:g} ± {demo.sd[(a, d)]:g}" for (a, d), m in demo.means.items())
-    out.table(f"The demo's power ({nets}; normal seeds, {demo.images:,} images)",
-              ["seeds per net", "reproduced", "undecided", "not reproduced", "outlier named"], rows)
+    return rows
+
+
+POWER_HEADER = ["seeds per net", "reproduced", "undecided", "not reproduced", "outlier named"]
+
+
+def _label(arch: str, depth: int) -> str:
+    return f"{'ResNet' if arch == 'residual' else arch}-{depth}"
+
+
+def simulate(sweeps: int, seed_counts: Sequence[int], demo: Scenario, demo_seeds: Sequence[int], seed: int = 0,
+             progress: Callable[[str], None] = lambda _: None, measured: Optional[MeasuredSeeds] = None,
+             demo_only: bool = False) -> str:
+    """Every table as markdown (only the demo's with `demo_only`)."""
+    rng = np.random.default_rng(seed)
+    out = Tables()
+    columns = [f"{n} seeds" for n in seed_counts]
+    if not demo_only:
+        rows = []
+        for scenario in BOUNDARIES:
+            progress(scenario.name)
+            rows.append([scenario.name, *(_pct(rates(scenario, n, sweeps, rng)["reproduced"]) for n in seed_counts)])
+        for scenario in SEQUENTIAL:
+            for corrected in (False, True):
+                progress(f"sequential {scenario.name}")
+                label = f"seeds added one at a time from 2, stopping when firm, {'α/k at look k' if corrected else 'α at every look'}: {scenario.name}"
+                rows.append([label, *(_pct(sequential_rate(scenario, n, sweeps, rng, corrected)) for n in seed_counts)])
+        out.table(f"False \"reproduced\" (should be ≤ {ALPHA:.0%}), {sweeps:,} sweeps per cell", ["truth", *columns], rows)
+        rows = []
+        for scenario in CLAIM_TRUE:
+            progress(scenario.name)
+            measured_rates = [rates(scenario, n, sweeps, rng) for n in seed_counts]
+            rows.append([scenario.name, *(f"{_pct(r['not_reproduced'])} / {_pct(r['reproduced'])} / {_pct(r['outlier'])}"
+                                          for r in measured_rates)])
+        out.table("When the claim holds: false \"not reproduced\" / \"reproduced\" / grids with an outlier named", ["truth", *columns], rows)
+    progress("demo")
+    nets = ", ".join(f"{_label(a, d)} {m:g} ± {demo.sd[(a, d)]:g}" for (a, d), m in demo.means.items())
+    out.table(f"The demo's power ({nets}; normal seeds, {demo.images:,} images)", POWER_HEADER,
+              _power(demo, demo_seeds, sweeps, rng))
+    if measured is not None:
+        progress("measured seeds")
+        pools = ", ".join(f"{_label(a, d)} {len(v)}" for (a, d), v in measured.values.items())
+        out.table(f"The demo's power, resampling its measured seeds (seeds pooled: {pools}; from {measured.name}; "
+                  f"{measured.images:,} images)", POWER_HEADER, _power(measured, demo_seeds, sweeps, rng))
     return "\n".join(out.lines)
 
 
@@ -179,13 +238,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEED_COUNTS), help="seeds per net, the columns")
     parser.add_argument("--demo", default=DEMO, help="the demo's nets as NET-DEPTH=MEAN:SD,... (default: the CPU demo, pooled)")
     parser.add_argument("--demo-seeds", type=int, nargs="+", default=list(DEMO_SEEDS), help="seeds per net for the demo's power")
+    parser.add_argument("--demo-runs", type=Path, nargs="+", default=None, metavar="FOLDER",
+                        help="results folders of the demo (with a report's cells.csv): its power by resampling their seeds")
+    parser.add_argument("--demo-only", action="store_true", help="only the demo's tables, not the boundaries")
     parser.add_argument("--rng-seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.sweeps < 1 or min(args.seeds + args.demo_seeds) < 2:
         parser.error("--sweeps must be at least 1 and every seed count at least 2")
     command = "python -m depthlab.verdict_simulation " + " ".join(argv if argv is not None else sys.argv[1:])
+    measured = read_measured(args.demo_runs) if args.demo_runs else None
     text = simulate(args.sweeps, args.seeds, parse_demo(args.demo), args.demo_seeds, args.rng_seed,
-                    progress=lambda name: print(f"… {name}", file=sys.stderr))
+                    progress=lambda name: print(f"… {name}", file=sys.stderr), measured=measured, demo_only=args.demo_only)
     se = math.sqrt(ALPHA * (1 - ALPHA) / args.sweeps)
     print(f"`{command.strip()}` — a rate of {ALPHA:.0%} is measured to ± {100 * se:.1f} pp (one s.e.).\n\n{text}")
     return 0
