@@ -23,7 +23,7 @@ sweep: install                 ## the main job: make sweep [CONFIG=configs/cifar
 quick: install                 ## the same comparison on a short schedule
 	$(BIN)/depthlab sweep configs/quick.yaml $(DATA_FLAG)
 
-cpu: install                   ## the comparison sized for a CPU: 16 cells (README: how long it takes where)
+cpu: install                   ## the comparison sized for a CPU: 20 cells (README: how long it takes where)
 	$(BIN)/depthlab sweep configs/cpu.yaml $(DATA_FLAG)
 
 cpu-check: install             ## cpu.yaml's verdict again on two seed sets drawn at random, and in fp32 (3x make cpu)

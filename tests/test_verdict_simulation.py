@@ -42,9 +42,10 @@ def test_a_hidden_second_mode_breaks_the_guarantee_as_documented():
     assert rates(BIMODAL, 3, SWEEPS, np.random.default_rng(5))["reproduced"] > ALPHA + TOLERANCE
 
 
-def test_the_demo_decides_with_four_seeds():
-    measured = rates(parse_demo(DEMO), 4, SWEEPS, np.random.default_rng(6))
-    assert measured["reproduced"] >= 0.8 and measured["not_reproduced"] <= ALPHA
+def test_the_demo_decides_with_the_five_seeds_it_runs():
+    # configs/cpu.yaml's pooled means and spreads (docs/statistics.md: 98 % in 4,000 sweeps)
+    measured = rates(parse_demo(DEMO), 5, SWEEPS, np.random.default_rng(6))
+    assert measured["reproduced"] >= 0.9 and measured["not_reproduced"] <= ALPHA
 
 
 def test_the_script_prints_its_tables_and_the_command(capsys):
