@@ -231,7 +231,8 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, 
 # ----------------------------------------------------------------------------- the statistical judgement
 
 
-def _name(arch: str, depth: int) -> str:
+def net_name(arch: str, depth: int) -> str:
+    """How a report names a net: plain-20, ResNet-56."""
     return f"{LABELS[arch]}-{depth}"
 
 
@@ -460,7 +461,7 @@ def find_outliers(seeds: Mapping[tuple[str, int], Mapping[int, float]], images: 
 
 
 def _outlier_note(outlier: Mapping[str, Any]) -> str:
-    name = _name(outlier["arch"], outlier["depth"])
+    name = net_name(outlier["arch"], outlier["depth"])
     if outlier["seed"] is None:
         a, b = outlier["seeds"]
         return (f"outlier: {name}'s two seeds ({a} and {b}) are {outlier['distance'] * outlier['scale'] * 2:.2f} pp apart, "
@@ -648,7 +649,7 @@ def _judge_cells(base: pd.DataFrame, details: dict[str, dict[str, Any]], seeds_r
     values = {(a, int(d)): group[MEASURE].tolist() for (a, d), group in base.groupby(["arch", "depth"])}
     short = {key: len(v) for key, v in values.items() if len(v) < seeds_required}
     if short:
-        listed = ", ".join(f"{_name(a, d)} ({n})" for (a, d), n in sorted(short.items()))
+        listed = ", ".join(f"{net_name(a, d)} ({n})" for (a, d), n in sorted(short.items()))
         if max(len(v) for v in values.values()) == 1:
             return {"label": "indicative (1 seed)",
                     "reason": f"indicative (1 seed): {_direction(values)}; a firm verdict needs {seeds_required} seeds per net."}

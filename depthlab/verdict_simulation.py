@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from .results_folder import ResultsFolder
-from .verdict import ALPHA, MARGIN, MEASURE, PAPER_TRAIN_SIZE, find_outliers, judge
+from .verdict import ALPHA, MARGIN, MEASURE, PAPER_TRAIN_SIZE, find_outliers, judge, net_name
 
 Key = tuple[str, int]
 SEED_COUNTS = (2, 3, 4, 5)
@@ -79,8 +79,8 @@ def read_measured(folders: Sequence[Path]) -> MeasuredSeeds:
         table, sweep = results.cells_table, results.sweep_file
         if not table.is_file():
             raise SystemExit(f"--demo-runs: {table} not found (run `depthlab report {folder}` first)")
-        sizes.add(((yaml.safe_load(sweep.read_text()) or {}).get("data") or {}).get("train_size", PAPER_TRAIN_SIZE)
-                  if sweep.is_file() else PAPER_TRAIN_SIZE)
+        config = (yaml.safe_load(sweep.read_text()) or {}) if sweep.is_file() else {}
+        sizes.add((config.get("data") or {}).get("train_size", PAPER_TRAIN_SIZE))
         with table.open(newline="") as handle:
             for row in csv.DictReader(handle):
                 if row.get("state") == "finished" and not row.get("variant") and row.get(MEASURE):
@@ -181,20 +181,17 @@ class Tables:
         self.lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
+POWER_HEADER = ["seeds per net", "reproduced", "undecided", "not reproduced", "outlier named"]
+
+
 def _power(demo: Union[Scenario, MeasuredSeeds], demo_seeds: Sequence[int], sweeps: int,
            rng: np.random.Generator) -> list[list[str]]:
+    """One POWER_HEADER row per seed count: the shares of simulated sweeps of `demo` with each outcome."""
     rows = []
     for n in demo_seeds:
         r = rates(demo, n, sweeps, rng)
         rows.append([str(n), _pct(r["reproduced"]), _pct(r["undecided"]), _pct(r["not_reproduced"]), _pct(r["outlier"])])
     return rows
-
-
-POWER_HEADER = ["seeds per net", "reproduced", "undecided", "not reproduced", "outlier named"]
-
-
-def _label(arch: str, depth: int) -> str:
-    return f"{'ResNet' if arch == 'residual' else arch}-{depth}"
 
 
 def simulate(sweeps: int, seed_counts: Sequence[int], demo: Scenario, demo_seeds: Sequence[int], seed: int = 0,
@@ -223,12 +220,12 @@ def simulate(sweeps: int, seed_counts: Sequence[int], demo: Scenario, demo_seeds
                                           for r in measured_rates)])
         out.table("When the claim holds: false \"not reproduced\" / \"reproduced\" / grids with an outlier named", ["truth", *columns], rows)
     progress("demo")
-    nets = ", ".join(f"{_label(a, d)} {m:g} ± {demo.sd[(a, d)]:g}" for (a, d), m in demo.means.items())
+    nets = ", ".join(f"{net_name(a, d)} {m:g} ± {demo.sd[(a, d)]:g}" for (a, d), m in demo.means.items())
     out.table(f"The demo's power ({nets}; normal seeds, {demo.images:,} images)", POWER_HEADER,
               _power(demo, demo_seeds, sweeps, rng))
     if measured is not None:
         progress("measured seeds")
-        pools = ", ".join(f"{_label(a, d)} {len(v)}" for (a, d), v in measured.values.items())
+        pools = ", ".join(f"{net_name(a, d)} {len(v)}" for (a, d), v in measured.values.items())
         out.table(f"The demo's power, resampling its measured seeds (seeds pooled: {pools}; from {measured.name}; "
                   f"{measured.images:,} images)", POWER_HEADER, _power(measured, demo_seeds, sweeps, rng))
     return "\n".join(out.lines)
