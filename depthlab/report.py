@@ -562,6 +562,10 @@ def _title(report: Report, what: str) -> str:
     return f"{report.name}: {what}" + (f"\n{_verdict_title(report)}" if report.verdict.get("data") and report.verdict.get("seeds") else "")
 
 
+TITLE_WIDTH = 100  # characters of a 9-pt title line across a 7-inch figure: 89 fit, the smoke sweep's 116 were cut off;
+# a longer line puts the verdict on a line of its own
+
+
 def _verdict_title(report: Report) -> str:
     """What the verdict figure shows: data, budget, seeds and outcome."""
     verdict = report.verdict
@@ -570,8 +574,11 @@ def _verdict_title(report: Report) -> str:
     budget = (f", {data['iterations']:,} iterations × {data['batch_size']}"
               if data.get("iterations") and data.get("batch_size") else "")
     outcome = verdict["outcome"].replace("_", " ") + (f" ({verdict['label']})" if verdict.get("label") else "")
-    return (f"{data.get('source') or 'images'}, {data['images']:,} training images{budget}, "
-            f"{seeds} seed{'s' if counts[-1] > 1 else ''} per net; verdict: {outcome}")
+    what = (f"{data.get('source') or 'images'}, {data['images']:,} training images{budget}, "
+            f"{seeds} seed{'s' if counts[-1] > 1 else ''} per net")
+    verdict_part = f"verdict: {outcome}"
+    separator = "; " if len(what) + 2 + len(verdict_part) <= TITLE_WIDTH else ";\n"
+    return what + separator + verdict_part
 
 
 def verdict_figure(report: Report) -> Optional[Figure]:
